@@ -1,0 +1,3 @@
+"""mcad: multi-class unsupervised anomaly detection."""
+
+__version__ = "0.1.0"
