@@ -1,0 +1,267 @@
+"""One LightningDataModule for multi-class training over MVTec AD, VisA, MVTec-layout folders and the
+procedural synthetic dataset."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader, Sampler
+
+from mcad.data.dataset import AnomalyDataset, DecodedCache, Normalizer, build_transform
+from mcad.data.datasets.mvtec import (
+    MVTEC_CLASSES,
+    MVTEC_MANUAL,
+    MVTEC_SHA256,
+    MVTEC_URL,
+    discover_classes,
+    mvtec_layout_records,
+)
+from mcad.data.datasets.synthetic import SYNTHETIC_CLASSES, generate_synthetic_dataset
+from mcad.data.datasets.visa import VISA_CLASSES, VISA_MANUAL, VISA_SHA256, VISA_URL, visa_records
+from mcad.data.download import download_and_extract
+from mcad.data.io import DataError
+from mcad.data.records import SampleRecord
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("mvtec", "visa", "folder", "synthetic")
+
+
+class MixedClassBatchSampler(Sampler[list[int]]):
+    """Shuffled batches that each contain at least two classes (for class-aware contrastive losses).
+
+    A batch drawn with a single class gets its last element swapped for a random sample of another
+    class. With 12-15 classes at batch 16 this almost never triggers; it guards small proxies.
+    """
+
+    def __init__(self, class_ids: Sequence[int], batch_size: int, drop_last: bool = True, seed: int = 0) -> None:
+        self.class_ids = np.asarray(class_ids)
+        if len(set(self.class_ids.tolist())) < 2:
+            raise DataError("A mixed-class batch sampler needs at least two classes in the training set.")
+        if batch_size < 2:
+            raise DataError("Mixed-class batches need batch_size >= 2.")
+        self.batch_size, self.drop_last, self.seed, self.epoch = batch_size, drop_last, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Changes the shuffle (called by the training loop when supported)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.class_ids)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = random.Random(self.seed + self.epoch)
+        self.epoch += 1
+        order = list(range(len(self.class_ids)))
+        rng.shuffle(order)
+        for start in range(0, len(self), 1):
+            batch = order[start * self.batch_size : (start + 1) * self.batch_size]
+            if len(batch) < 2:
+                continue
+            if len(set(self.class_ids[batch].tolist())) == 1:
+                others = np.flatnonzero(self.class_ids != self.class_ids[batch[0]])
+                batch[-1] = int(others[rng.randrange(len(others))])
+            yield batch
+
+
+class MultiClassDataModule(L.LightningDataModule):
+    """Training on the normal images of all classes at once; testing per class.
+
+    Args:
+        name: Dataset name recorded in results (``mvtec``, ``visa``, ``real`` ...).
+        format: ``mvtec``, ``visa``, ``folder`` (any MVTec-layout root) or ``synthetic``.
+        root: Dataset root (for ``synthetic``: unused, the data lives under ``cache_dir``).
+        classes: Classes to use; ``None`` = all classes of the format (for ``folder``: its
+            sub-folders that contain ``train/good``).
+        download: Download MVTec AD / VisA into ``root`` if missing.
+        sha256: Expected archive digest (overrides the built-in one).
+        split_csv: VisA split file relative to ``root``.
+        image_size: Images and masks are resized to this square size.
+        crop_size: Optional centre crop after resizing (CRR: 448 -> 392).
+        batch_size: Training batch size.
+        eval_batch_size: Test batch size.
+        num_workers: Loader worker processes.
+        pin_memory: Pin host memory (useful on GPU).
+        persistent_workers: Keep workers alive between epochs.
+        drop_last: Drop the last incomplete training batch (as the official codes do).
+        cache_decoded: Cache decoded, resized images on disk under ``cache_dir``.
+        cache_dir: Cache folder (decoded images, synthetic data).
+        mean: Normalisation mean; ``None`` = the backbone's (set by the training entry point).
+        std: Normalisation std; ``None`` = the backbone's.
+        sampler: ``random`` or ``mixed_class`` (every batch holds at least two classes).
+        max_train_per_class: Use only the first N training images of each class (quick runs).
+        synthetic: Generation parameters of the synthetic dataset (``num_train``, ``num_test_good``,
+            ``num_test_defect``, ``image_size``, ``seed``).
+        seed: Seed of the mixed-class sampler.
+    """
+
+    def __init__(
+        self,
+        name: str = "synthetic",
+        format: str = "synthetic",
+        root: str | None = None,
+        classes: list[str] | None = None,
+        download: bool = False,
+        sha256: str | None = None,
+        split_csv: str = "split_csv/1cls.csv",
+        image_size: int = 256,
+        crop_size: int | None = None,
+        batch_size: int = 16,
+        eval_batch_size: int = 32,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+        drop_last: bool = True,
+        cache_decoded: bool = True,
+        cache_dir: str = ".cache",
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        sampler: str = "random",
+        max_train_per_class: int | None = None,
+        synthetic: dict[str, Any] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if format not in FORMATS:
+            raise DataError(f"data.format must be one of {FORMATS}, got '{format}'.")
+        if format != "synthetic" and not root:
+            raise DataError(f"data.root is required for data.format={format} (e.g. data.root=/data/{name}).")
+        if sampler not in ("random", "mixed_class"):
+            raise DataError(f"data.sampler must be 'random' or 'mixed_class', got '{sampler}'.")
+        if crop_size is not None and crop_size > image_size:
+            raise DataError(f"data.crop_size ({crop_size}) must not exceed data.image_size ({image_size}).")
+        self.name, self.format, self.root = name, format, root
+        self.classes = list(classes) if classes else None
+        self.download, self.sha256, self.split_csv = download, sha256, split_csv
+        self.image_size, self.crop_size = image_size, crop_size
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.drop_last, self.cache_decoded, self.cache_dir = drop_last, cache_decoded, cache_dir
+        self.mean, self.std = mean, std
+        self.sampler, self.max_train_per_class, self.seed = sampler, max_train_per_class, seed
+        self.synthetic = dict(synthetic or {})
+        # Set by the training entry point from the method's needs.
+        self.synthesizer: Callable | None = None
+        self.view_transform_factory: Callable[[int, Sequence[float], Sequence[float]], Any] | None = None
+        self.train_dataset: AnomalyDataset | None = None
+        self.test_dataset: AnomalyDataset | None = None
+        self.class_names: list[str] = []
+
+    # ----------------------------------------------------------------------------------- records
+    @property
+    def input_size(self) -> int:
+        """Side of the tensors the model receives (after the optional crop)."""
+        return self.crop_size or self.image_size
+
+    def _resolve_root(self) -> Path:
+        if self.format == "synthetic":
+            return generate_synthetic_dataset(
+                Path(self.cache_dir) / "datasets",
+                classes=tuple(self.classes or SYNTHETIC_CLASSES),
+                **self.synthetic,
+            )
+        root = Path(self.root).expanduser()
+        if self.format in ("mvtec", "visa"):
+            marker = (root / "bottle" / "train" / "good") if self.format == "mvtec" else (root / self.split_csv)
+            if not marker.exists():
+                hint = MVTEC_MANUAL if self.format == "mvtec" else VISA_MANUAL
+                if not self.download:
+                    raise DataError(f"{self.format} data not found under {root}. {hint} Or set data.download=true.")
+                url, digest = (MVTEC_URL, MVTEC_SHA256) if self.format == "mvtec" else (VISA_URL, VISA_SHA256)
+                download_and_extract(url, root, self.sha256 or digest, hint)
+        return root
+
+    def _class_list(self, root: Path) -> list[str]:
+        if self.classes:
+            return list(self.classes)
+        if self.format == "mvtec":
+            return list(MVTEC_CLASSES)
+        if self.format == "visa":
+            return list(VISA_CLASSES)
+        return discover_classes(root)
+
+    def records(self, split: str) -> list[SampleRecord]:
+        """Samples of ``split`` for the configured classes (resolves/downloads/generates the data)."""
+        root = self._resolve_root()
+        classes = self._class_list(root)
+        if self.format == "visa":
+            return visa_records(root, classes, split, self.split_csv)
+        return mvtec_layout_records(root, classes, split)
+
+    # ----------------------------------------------------------------------------------- setup
+    def prepare_data(self) -> None:
+        """Downloads or generates the data once (rank 0)."""
+        self._resolve_root()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Lists, validates and (optionally) decodes every file once, then builds the datasets."""
+        if self.mean is None or self.std is None:
+            raise DataError("Normalisation is unset: give data.mean/data.std or let the backbone set them.")
+        root = self._resolve_root()
+        self.class_names = self._class_list(root)
+        cache = DecodedCache(Path(self.cache_dir) / "decoded", self.image_size) if self.cache_decoded else None
+        transform = build_transform(self.crop_size, extra_targets=self.synthesizer is not None)
+        normalizer = Normalizer(self.mean, self.std)
+        if stage in (None, "fit") and self.train_dataset is None:
+            train = self.records("train")
+            if self.max_train_per_class:
+                seen: dict[str, int] = {}
+                kept = []
+                for rec in train:
+                    seen[rec.class_name] = seen.get(rec.class_name, 0) + 1
+                    if seen[rec.class_name] <= self.max_train_per_class:
+                        kept.append(rec)
+                train = kept
+            view = (
+                self.view_transform_factory(self.input_size, self.mean, self.std)
+                if self.view_transform_factory is not None
+                else None
+            )
+            self.train_dataset = AnomalyDataset(
+                train, self.class_names, self.image_size, transform, normalizer, cache, self.synthesizer, view
+            )
+            self.train_dataset.validate()
+            self.train_dataset.prefill_cache()
+        if stage in (None, "fit", "test", "predict") and self.test_dataset is None:
+            self.test_dataset = AnomalyDataset(
+                self.records("test"), self.class_names, self.image_size, build_transform(self.crop_size), normalizer, cache
+            )
+            self.test_dataset.validate()
+            self.test_dataset.prefill_cache()
+
+    # ----------------------------------------------------------------------------------- loaders
+    def _loader_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.persistent_workers,
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches over all classes."""
+        assert self.train_dataset is not None, "call setup('fit') first"
+        if self.sampler == "mixed_class":
+            ids = [self.train_dataset.class_index[r.class_name] for r in self.train_dataset.records]
+            batches = MixedClassBatchSampler(ids, self.batch_size, self.drop_last, self.seed)
+            return DataLoader(self.train_dataset, batch_sampler=batches, **self._loader_kwargs())
+        drop_last = self.drop_last and len(self.train_dataset) >= self.batch_size
+        return DataLoader(
+            self.train_dataset, batch_size=self.batch_size, shuffle=True, drop_last=drop_last, **self._loader_kwargs()
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches in a fixed order (every sample carries its ``index``)."""
+        assert self.test_dataset is not None, "call setup('test') first"
+        return DataLoader(self.test_dataset, batch_size=self.eval_batch_size, shuffle=False, **self._loader_kwargs())
+
+    def predict_dataloader(self) -> DataLoader:
+        """Same as the test loader."""
+        return self.test_dataloader()

@@ -1,0 +1,160 @@
+"""The evaluation protocol: how raw anomaly maps become evaluated maps, image scores and masks.
+
+Every method returns raw maps (any resolution, unbounded scores) and, optionally, a segmentation
+probability map. This module alone decides upsampling, fusion, smoothing, the image-score rule and
+ground-truth binarisation, so two methods are always compared under the same, named rules. The
+protocol is recorded in every results file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SMOOTHING = ("gaussian", "none")
+REDUCERS = ("max", "topk_mean")
+BORDERS = ("reflect", "constant")
+
+
+@dataclass
+class EvalProtocol:
+    """Post-processing and scoring rules (defaults: the shared protocol of ``specs/metrics.md``).
+
+    Attributes:
+        name: Name recorded in results (``mcad``, ``dinomaly``, ``rlr`` ...).
+        eval_size: Side of the square evaluation resolution.
+        gt_threshold: Masks (bilinear-resized, in [0, 1]) are binarised as ``mask > gt_threshold``.
+        smoothing: ``gaussian`` or ``none``.
+        sigma: Gaussian sigma in pixels of the evaluation resolution.
+        kernel_size: Gaussian support; ``None`` = scipy's ``gaussian_filter`` default
+            (``2 * round(4 * sigma) + 1``, i.e. 33 for sigma 4). Dinomaly/CRR use 5.
+        border: ``reflect`` (scipy's default, half-sample symmetric) or ``constant`` (zero padding,
+            as Dinomaly's convolution).
+        image_score: ``max`` or ``topk_mean`` of the smoothed map.
+        topk_ratio: Fraction of pixels averaged by ``topk_mean`` (Dinomaly: 0.01).
+        smooth_for_pixel: Pixel metrics on the smoothed map (True) or on the raw upsampled map
+            (False, as RLR's code computes pixel AUROC before smoothing).
+        seg_weight: Weight of the segmentation probability when a method returns one:
+            ``map = (1 - seg_weight) * reconstruction + seg_weight * segmentation`` (CRR: 0.3).
+        fpr_limit: AUPRO integration limit.
+    """
+
+    name: str = "mcad"
+    eval_size: int = 256
+    gt_threshold: float = 0.5
+    smoothing: str = "gaussian"
+    sigma: float = 4.0
+    kernel_size: int | None = None
+    border: str = "reflect"
+    image_score: str = "max"
+    topk_ratio: float = 0.01
+    smooth_for_pixel: bool = True
+    seg_weight: float = 0.3
+    fpr_limit: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.smoothing not in SMOOTHING:
+            raise ValueError(f"protocol.smoothing must be one of {SMOOTHING}, got '{self.smoothing}'.")
+        if self.image_score not in REDUCERS:
+            raise ValueError(f"protocol.image_score must be one of {REDUCERS}, got '{self.image_score}'.")
+        if self.border not in BORDERS:
+            raise ValueError(f"protocol.border must be one of {BORDERS}, got '{self.border}'.")
+        if not 0.0 <= self.seg_weight <= 1.0:
+            raise ValueError(f"protocol.seg_weight must be in [0, 1], got {self.seg_weight}.")
+        if not 0.0 < self.topk_ratio <= 1.0:
+            raise ValueError(f"protocol.topk_ratio must be in (0, 1], got {self.topk_ratio}.")
+        if self.kernel_size is not None and self.kernel_size % 2 == 0:
+            raise ValueError(f"protocol.kernel_size must be odd, got {self.kernel_size}.")
+
+    def to_dict(self) -> dict:
+        """Plain dict for results files and loggers."""
+        return asdict(self)
+
+    # ------------------------------------------------------------------------------ building blocks
+    def gaussian_kernel(self, device: torch.device | None = None) -> Tensor:
+        """1-D normalised Gaussian taps (the 2-D kernel is separable)."""
+        radius = (self.kernel_size // 2) if self.kernel_size else int(4.0 * self.sigma + 0.5)
+        x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+        taps = torch.exp(-0.5 * (x / self.sigma) ** 2)
+        return (taps / taps.sum()).to(device=device, dtype=torch.float32)
+
+    def smooth(self, maps: Tensor) -> Tensor:
+        """Gaussian smoothing of ``(B, H, W)`` maps, equal to scipy's ``gaussian_filter`` with the
+        default ``reflect`` border (or zero padding for ``border=constant``)."""
+        if self.smoothing == "none":
+            return maps
+        taps = self.gaussian_kernel(maps.device).to(maps.dtype)
+        radius = taps.numel() // 2
+        x = maps.unsqueeze(1)
+        for dim in (2, 3):
+            x = _pad_1d(x, radius, dim, self.border)
+            weight = taps.view(1, 1, -1, 1) if dim == 2 else taps.view(1, 1, 1, -1)
+            x = F.conv2d(x, weight)
+        return x.squeeze(1)
+
+    def reduce(self, maps: Tensor) -> Tensor:
+        """Image scores from ``(B, H, W)`` maps."""
+        flat = maps.flatten(1)
+        if self.image_score == "max":
+            return flat.amax(dim=1)
+        k = max(1, int(flat.shape[1] * self.topk_ratio))
+        return flat.topk(k, dim=1).values.mean(dim=1)
+
+    # ------------------------------------------------------------------------------ the pipeline
+    def process(self, anomaly_map: Tensor, segmentation: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Turns a method's raw output into evaluated pixel maps and image scores.
+
+        Args:
+            anomaly_map: ``(B, 1, h, w)`` or ``(B, h, w)`` raw map, higher = more anomalous.
+            segmentation: Optional ``(B, 1, h', w')`` anomaly probability of a segmentation head.
+
+        Returns:
+            ``(pixel_maps, image_scores)``: ``(B, S, S)`` float32 maps at ``eval_size`` (smoothed or
+            not, per ``smooth_for_pixel``) and ``(B,)`` scores from the smoothed map.
+        """
+        maps = self.upsample(anomaly_map)
+        if segmentation is not None and self.seg_weight > 0:
+            maps = (1.0 - self.seg_weight) * maps + self.seg_weight * self.upsample(segmentation)
+        smoothed = self.smooth(maps)
+        pixel_maps = smoothed if self.smooth_for_pixel else maps
+        return pixel_maps, self.reduce(smoothed)
+
+    def upsample(self, maps: Tensor) -> Tensor:
+        """Bilinear (align_corners=True) resize of ``(B, 1, h, w)`` or ``(B, h, w)`` to ``eval_size``."""
+        if maps.dim() == 3:
+            maps = maps.unsqueeze(1)
+        maps = maps.float()
+        if maps.shape[-2:] != (self.eval_size, self.eval_size):
+            maps = F.interpolate(maps, size=(self.eval_size, self.eval_size), mode="bilinear", align_corners=True)
+        return maps.squeeze(1)
+
+    def binarize_masks(self, masks: Tensor) -> Tensor:
+        """``(B, 1, H, W)`` masks in [0, 1] -> ``(B, S, S)`` uint8 {0, 1}: bilinear resize, then
+        ``> gt_threshold``."""
+        if masks.dim() == 3:
+            masks = masks.unsqueeze(1)
+        masks = masks.float()
+        if masks.shape[-2:] != (self.eval_size, self.eval_size):
+            masks = F.interpolate(masks, size=(self.eval_size, self.eval_size), mode="bilinear", align_corners=False)
+        return (masks.squeeze(1) > self.gt_threshold).to(torch.uint8)
+
+
+def _pad_1d(x: Tensor, radius: int, dim: int, border: str) -> Tensor:
+    """Pads one spatial dim of a 4-D tensor by ``radius`` with scipy's ``reflect`` or zeros."""
+    if radius == 0:
+        return x
+    if border == "constant":
+        pad = (0, 0, radius, radius) if dim == 2 else (radius, radius, 0, 0)
+        return F.pad(x, pad)
+    n = x.shape[dim]
+    # scipy 'reflect' = half-sample symmetric: (d c b a | a b c d | d c b a); a periodic index map
+    # handles radii larger than the signal too.
+    idx = torch.arange(-radius, n + radius, device=x.device)
+    period = 2 * n
+    idx = torch.remainder(idx, period)
+    idx = torch.where(idx >= n, period - 1 - idx, idx)
+    return x.index_select(dim, idx)
+

@@ -1,0 +1,281 @@
+"""RLR as a pure ``nn.Module``: frozen backbone + per-level learnable-reference reconstruction.
+
+This module holds everything method-specific that does not need Lightning: feature extraction
+(frozen backbone, optional 3x3 average pooling), the jittered-input / clean-target training pass with
+RLR's per-level loss, the anomaly map, hooks for contrastive plug-ins, and one optimisation step in
+the three schedules discussed in ``specs/methods.md`` A-RLR3 / E-RLR1 (see
+:func:`rlr_optimization_step`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mcad.losses.reconstruction import mse_cosine_loss, mse_cosine_score
+from mcad.models.blocks.rlr import RLRDecoder
+from mcad.synthesis.feature_jitter import FeatureJitter
+
+FeatureTransform = Callable[[list[Tensor]], list[Tensor]]
+
+
+class RLRModel(nn.Module):
+    """Frozen backbone, optional feature jitter and an :class:`~mcad.models.blocks.rlr.RLRDecoder`.
+
+    Args:
+        backbone: Module with ``forward(images) -> list[Tensor]`` of ``(B, C_i, h_i, w_i)`` maps; it is
+            frozen here (no gradients, always eval mode). If it exposes ``channels`` they must match
+            the decoder's. Do not let it pool as well when ``avg_pool=True`` (e.g. build
+            ``TimmBackbone`` with ``feature_pool=None``), or features get smoothed twice.
+        decoder: The per-level reconstruction network.
+        jitter: Feature-level synthesizer applied to the decoder *input* during training only
+            (RLR: :class:`~mcad.synthesis.feature_jitter.FeatureJitter` with scale 4); ``None`` = off.
+        avg_pool: Smooth each feature map with ``AvgPool2d(3, stride 1, padding 1)`` (zero padding
+            counted, PyTorch's default) before everything, as RLR does unless ``--no_avg``.
+
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        decoder: RLRDecoder,
+        jitter: FeatureTransform | None = None,
+        avg_pool: bool = True,
+    ) -> None:
+        super().__init__()
+        channels = getattr(backbone, "channels", None)
+        if channels is not None and list(channels) != list(decoder.in_channels):
+            raise ValueError(f"Backbone channels {list(channels)} != decoder in_channels {decoder.in_channels}.")
+        self.backbone = backbone
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self.backbone.eval()
+        self.decoder = decoder
+        self.jitter = jitter
+        self.pool = nn.AvgPool2d(3, stride=1, padding=1) if avg_pool else nn.Identity()
+
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone: nn.Module,
+        image_size: int | tuple[int, int],
+        jitter_scale: float = 4.0,
+        jitter_prob: float = 1.0,
+        avg_pool: bool = True,
+        **decoder_kwargs,
+    ) -> RLRModel:
+        """Builds the decoder from ``backbone.channels``/``backbone.strides`` (RLR defaults).
+
+        Args:
+            backbone: Backbone exposing ``channels`` and ``strides``.
+            image_size: Input image side or ``(H, W)``.
+            jitter_scale: Feature-jitter scale (0 = no jitter).
+            jitter_prob: Fraction of jittered tokens.
+            avg_pool: See the class docstring.
+            **decoder_kwargs: Passed to :meth:`RLRDecoder.for_backbone`.
+
+        Returns:
+            The model.
+
+        """
+        decoder = RLRDecoder.for_backbone(backbone.channels, backbone.strides, image_size, **decoder_kwargs)
+        jitter = FeatureJitter(jitter_scale, jitter_prob) if jitter_scale > 0 else None
+        return cls(backbone, decoder, jitter=jitter, avg_pool=avg_pool)
+
+    def train(self, mode: bool = True) -> RLRModel:
+        """Sets train/eval mode but keeps the frozen backbone in eval mode (fixed BN statistics)."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def extract_features(self, images: Tensor) -> list[Tensor]:
+        """Frozen (optionally pooled) backbone features, the reconstruction targets.
+
+        Args:
+            images: ``(B, 3, H, W)`` normalised images.
+
+        Returns:
+            ``(B, C_i, h_i, w_i)`` maps without gradient.
+
+        """
+        with torch.no_grad():
+            return [self.pool(f) for f in self.backbone(images)]
+
+    def forward_train(
+        self, images: Tensor, return_hidden: bool = False
+    ) -> (
+        tuple[list[Tensor], list[Tensor], list[Tensor]] | tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]
+    ):
+        """Training pass: jittered features in, clean features as targets.
+
+        Args:
+            images: ``(B, 3, H, W)``.
+            return_hidden: Also return the last hidden tokens of each level as ``(B, d_i, h_i, w_i)``
+                maps (for a contrastive plug-in that shares this forward pass).
+
+        Returns:
+            ``(losses, features, reconstructions)`` and optionally ``hidden``: one scalar loss
+            (:func:`~mcad.losses.reconstruction.mse_cosine_loss`) per level, the clean targets and
+            the reconstructions, each a per-level list.
+
+        """
+        features = self.extract_features(images)
+        inputs = self.jitter(features) if self.jitter is not None else features
+        recons, hidden = self.decoder.forward_with_hidden(inputs)
+        losses = [mse_cosine_loss(r, f) for r, f in zip(recons, features)]
+        if return_hidden:
+            return losses, features, recons, hidden
+        return losses, features, recons
+
+    def level_loss(self, features: Sequence[Tensor], index: int) -> Tensor:
+        """Training loss of one level from precomputed clean features (jitter applied here).
+
+        Args:
+            features: Clean features from :meth:`extract_features`.
+            index: Level index.
+
+        Returns:
+            The level's scalar loss.
+
+        """
+        target = features[index]
+        source = self.jitter([target])[0] if self.jitter is not None else target
+        return mse_cosine_loss(self.decoder.forward_level(index, source), target)
+
+    def anomaly_map(self, images: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """RLR anomaly map: per-level ``mean_C((x - x_hat)^2) + 1 - cos_C``, resized and averaged.
+
+        Args:
+            images: ``(B, 3, H, W)``.
+            size: Output size; default the first (finest) level's grid. Each level is resized
+                bilinearly (``align_corners=True``) straight to ``size``; RLR itself resizes every level
+                directly to the image size (``size=(256, 256)``), which differs slightly from resizing to
+                the finest grid first and to the image later.
+
+        Returns:
+            ``(B, 1, h, w)`` unsmoothed map (smoothing and image scores are the evaluator's job).
+
+        """
+        with torch.no_grad():
+            features = self.extract_features(images)
+            recons = self.decoder(features)
+            scores = [mse_cosine_score(r, f).unsqueeze(1) for r, f in zip(recons, features)]
+            out_size = tuple(size) if size is not None else tuple(scores[0].shape[-2:])
+            maps = [F.interpolate(s, size=out_size, mode="bilinear", align_corners=True) for s in scores]
+            return torch.stack(maps, dim=0).mean(dim=0)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Inference: the anomaly map at the finest level's resolution (see :meth:`anomaly_map`)."""
+        return self.anomaly_map(images)
+
+    def dense_features(self, images: Tensor, jitter: bool = False) -> list[Tensor]:
+        """Hook for contrastive plug-ins: last hidden tokens of every level as maps.
+
+        Gradients flow into the decoder (not into the backbone).
+
+        Args:
+            images: ``(B, 3, H, W)``.
+            jitter: Apply the training jitter to the input first.
+
+        Returns:
+            ``(B, d_i, h_i, w_i)`` maps (after the final LayerNorm, before the output projection).
+
+        """
+        features = self.extract_features(images)
+        if jitter and self.jitter is not None:
+            features = self.jitter(features)
+        return self.decoder.forward_with_hidden(features)[1]
+
+    @staticmethod
+    def pool_global(dense: Sequence[Tensor]) -> Tensor:
+        """Concatenates the spatial means of per-level maps: ``(B, sum_i d_i)``."""
+        return torch.cat([d.mean(dim=(-2, -1)) for d in dense], dim=1)
+
+    def global_embedding(self, images: Tensor, jitter: bool = False) -> Tensor:
+        """Hook for contrastive plug-ins: global average of :meth:`dense_features`, levels concatenated.
+
+        Args:
+            images: ``(B, 3, H, W)``.
+            jitter: Apply the training jitter to the input first.
+
+        Returns:
+            ``(B, sum_i d_i)``.
+
+        """
+        return self.pool_global(self.dense_features(images, jitter=jitter))
+
+    def level_parameters(self) -> list[list[nn.Parameter]]:
+        """Trainable parameters grouped per level (one optimiser per level, A-RLR3)."""
+        return [list(level.parameters()) for level in self.decoder.levels]
+
+
+SCHEDULES = ("per_level", "summed", "shared_adam_legacy")
+
+
+def rlr_optimization_step(
+    model: RLRModel,
+    images: Tensor,
+    optimizers: torch.optim.Optimizer | list[torch.optim.Optimizer] | tuple[torch.optim.Optimizer, ...],
+    schedule: str = "per_level",
+    backward: Callable[[Tensor], None] | None = None,
+) -> list[Tensor]:
+    """One RLR training iteration (forward, backward, step) under a chosen optimiser schedule.
+
+    The official loop (RLR ``trainer.py::train``) runs, per level, ``zero_grad -> backward -> step`` on
+    ONE Adam over all levels. What that does depends on the torch version (E-RLR1):
+
+    * ``"per_level"`` (default, = the official loop on torch >= 2): ``zero_grad`` clears gradients to
+      ``None`` so each step only touches the level that just back-propagated. Pass one optimiser per
+      level (from :meth:`RLRModel.level_parameters`) or one shared optimiser.
+    * ``"summed"``: one backward of the summed level losses and one step of one optimiser. The levels
+      share no parameters, so each level's gradient is that of its own loss and an element-wise
+      optimiser such as Adam produces exactly the ``"per_level"`` update.
+    * ``"shared_adam_legacy"`` (= the official loop on its pinned torch 1.12): gradients are *zeroed*,
+      not cleared, so during one level's step the other levels receive a momentum-only Adam update
+      and their step counters advance too. Needs one optimiser over all levels.
+
+    Args:
+        model: The RLR model (in train mode).
+        images: ``(B, 3, H, W)``.
+        optimizers: One optimiser (any schedule) or one per level (``"per_level"`` only).
+        schedule: One of :data:`SCHEDULES`.
+        backward: Called as ``backward(loss)``; default ``loss.backward()``. In Lightning manual
+            optimisation pass ``self.manual_backward``.
+
+    Returns:
+        The detached per-level losses.
+
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"Unknown schedule '{schedule}' (known: {SCHEDULES}).")
+    do_backward = backward if backward is not None else Tensor.backward
+    # Lightning's LightningOptimizer wraps (is not an) Optimizer: treat anything but a list/tuple as one.
+    opts = list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
+    num_levels = len(model.decoder.levels)
+    if schedule == "summed":
+        if len(opts) != 1:
+            raise ValueError("schedule='summed' needs exactly one optimizer.")
+        losses = model.forward_train(images)[0]
+        opts[0].zero_grad(set_to_none=True)
+        do_backward(torch.stack(losses).sum())
+        opts[0].step()
+        return [loss.detach() for loss in losses]
+    if len(opts) == 1:
+        opts = opts * num_levels
+    elif schedule == "shared_adam_legacy" or len(opts) != num_levels:
+        raise ValueError(f"schedule='{schedule}' needs one shared optimizer or one per level.")
+    legacy = schedule == "shared_adam_legacy"
+    features = model.extract_features(images)
+    losses = []
+    # As RLR trainer.py::train: each level is run *after* the previous level's step. This matters for
+    # the legacy schedule, where that step also moves the later levels' parameters.
+    for index, opt in enumerate(opts):
+        loss = model.level_loss(features, index)
+        opt.zero_grad(set_to_none=not legacy)
+        do_backward(loss)
+        opt.step()
+        losses.append(loss.detach())
+    return losses
