@@ -39,6 +39,15 @@ B6_LEVEL_PARAMS = [4_341_832, 17_172_680]
 B6_DECODER_PARAMS = 21_514_512
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """These tests run many small ops: one thread avoids OpenMP oversubscription on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
@@ -298,24 +307,28 @@ def test_b6_parameter_count():
     assert closed_form(72, 256, 1024) + closed_form(200, 512, 256) == B6_DECODER_PARAMS
 
 
-def timm_features(name: str, strides=(8, 16)):
-    net = timm.create_model(name, features_only=True, pretrained=False)
+def timm_net(name: str, strides=(8, 16)):
+    """Stages 0-3 of a randomly initialised timm model, and the indices of the wanted strides.
+
+    Stopping after stage 3 (stride 16 in both EfficientNets) skips the costly deep stages of B6.
+    """
+    net = timm.create_model(name, features_only=True, pretrained=False, out_indices=(0, 1, 2, 3)).eval()
     idx = [i for i, s in enumerate(net.feature_info.reduction()) if s in strides]
-    net = timm.create_model(name, features_only=True, pretrained=False, out_indices=idx).eval()
     return net, idx
 
 
 class TimmStandIn(nn.Module):
     """Minimal stand-in for mcad.models.backbones.TimmBackbone (random weights, no download)."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, idx: list[int]) -> None:
         super().__init__()
-        self.net = net
-        self.channels = list(net.feature_info.channels())
-        self.strides = list(net.feature_info.reduction())
+        self.net, self.idx = net, idx
+        self.channels = [net.feature_info.channels()[i] for i in idx]
+        self.strides = [net.feature_info.reduction()[i] for i in idx]
 
     def forward(self, images):
-        return self.net(images)
+        feats = self.net(images)
+        return [feats[i] for i in self.idx]
 
 
 @pytest.mark.parametrize(
@@ -323,53 +336,61 @@ class TimmStandIn(nn.Module):
     [("tf_efficientnet_b6", [2, 3], [72, 200]), ("tf_efficientnet_lite0", [2, 3], [40, 112])],
 )
 def test_decoder_shapes_on_paper_backbones(name, out_indices, channels):
-    net, idx = timm_features(name)
+    net, idx = timm_net(name)
     assert idx == out_indices
-    assert net.feature_info.channels() == channels
+    backbone = TimmStandIn(net, idx)
+    assert backbone.channels == channels and backbone.strides == [8, 16]
     with torch.no_grad():
-        feats = net(torch.randn(1, 3, 256, 256))
+        feats = backbone(torch.randn(1, 3, 256, 256))
     assert [tuple(f.shape[-2:]) for f in feats] == [(32, 32), (16, 16)]
-    dec = RLRDecoder.for_backbone(net.feature_info.channels(), net.feature_info.reduction(), 256)
+    dec = RLRDecoder.for_backbone(backbone.channels, backbone.strides, 256).eval()
     assert dec.hidden_dims == [256, 512] and [lvl.window_size for lvl in dec.levels] == [7, 5]
     with torch.no_grad():
         out, hidden = dec.forward_with_hidden(feats)
     assert [o.shape for o in out] == [f.shape for f in feats]
     assert [tuple(hd.shape) for hd in hidden] == [(1, 256, 32, 32), (1, 512, 16, 16)]
+    assert all(torch.isfinite(o).all() for o in out)
     if name == "tf_efficientnet_b6":
         assert n_params(dec) == B6_DECODER_PARAMS
 
 
 def test_rlr_model_on_lite0():
-    net, _ = timm_features("tf_efficientnet_lite0")
-    model = RLRModel.from_backbone(TimmStandIn(net), 256, num_layers=1)
+    net, idx = timm_net("tf_efficientnet_lite0")
+    # 128x128 input and narrow levels keep this fast; the full-size decoder is checked above.
+    model = RLRModel.from_backbone(
+        TimmStandIn(net, idx), 128, num_layers=1, hidden_dims=[32, 64], num_heads=4, window_sizes=[5, 3]
+    )
     model.train()
     assert not model.backbone.training and model.decoder.training
     assert all(not p.requires_grad for p in model.backbone.parameters())
-    images = torch.randn(2, 3, 256, 256)
+    assert isinstance(model.jitter, FeatureJitter) and model.jitter.scale == 4.0
+    images = torch.randn(2, 3, 128, 128)
     losses, feats, recons, hidden = model.forward_train(images, return_hidden=True)
     assert len(losses) == 2 and all(loss.ndim == 0 for loss in losses)
     assert [r.shape for r in recons] == [f.shape for f in feats]
+    assert [tuple(hd.shape) for hd in hidden] == [(2, 32, 16, 16), (2, 64, 8, 8)]
     assert not any(f.requires_grad for f in feats)
     sum(losses).backward()
     assert all(p.grad is not None for p in model.decoder.parameters())
     assert all(p.grad is None for p in model.backbone.parameters())
     model.eval()
     amap = model.anomaly_map(images)
-    assert amap.shape == (2, 1, 32, 32) and torch.isfinite(amap).all() and (amap >= 0).all()
-    assert model.anomaly_map(images, size=(256, 256)).shape == (2, 1, 256, 256)
-    emb = model.global_embedding(images)
-    assert emb.shape == (2, 256 + 512) and emb.requires_grad
+    assert amap.shape == (2, 1, 16, 16) and torch.isfinite(amap).all() and (amap >= 0).all()
+    assert model.anomaly_map(images, size=(128, 128)).shape == (2, 1, 128, 128)
+    assert torch.equal(model(images), amap)
     dense = model.dense_features(images)
+    emb = model.global_embedding(images)
+    assert emb.shape == (2, 32 + 64) and emb.requires_grad
     torch.testing.assert_close(RLRModel.pool_global(dense), emb)
     # The anomaly map is the level mean of the per-level scores, resized to the finest grid.
     feats = model.extract_features(images)
     with torch.no_grad():
         recons = model.decoder(feats)
     s0, s1 = (mse_cosine_score(r, f) for r, f in zip(recons, feats))
-    s1 = F.interpolate(s1[:, None], size=(32, 32), mode="bilinear", align_corners=True)[:, 0]
+    s1 = F.interpolate(s1[:, None], size=(16, 16), mode="bilinear", align_corners=True)[:, 0]
     torch.testing.assert_close(amap[:, 0], (s0 + s1) / 2)
     with pytest.raises(ValueError):
-        RLRModel(TimmStandIn(net), RLRDecoder([8, 8], [32, 16], num_layers=1))
+        RLRModel(TimmStandIn(net, idx), RLRDecoder([8, 8], [16, 8], num_layers=1, window_sizes=[3, 3]))
 
 
 def test_average_pool_and_batch_independence():

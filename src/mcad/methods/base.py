@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +40,23 @@ class AnomalyMaps:
     segmentation: Tensor | None = None
 
 
+class LossPlugin(nn.Module):
+    """A loss that adds terms to any method's own objective (``loss=ccl`` on RD, RLR or CRR).
+
+    A method receives it through its ``loss`` argument; the base class keeps it apart from the
+    method's reconstruction loss and adds its terms in :meth:`AnomalyModule.training_step`. A plug-in
+    reads what it needs through the method's feature hooks (:meth:`AnomalyModule.dense_features`,
+    :meth:`AnomalyModule.global_embedding`) and may ask the data layer for extra inputs.
+    """
+
+    def configure_datamodule(self, datamodule: Any) -> None:
+        """Asks the data layer for what the plug-in needs (extra views, a sampler...)."""
+
+    def forward(self, method: AnomalyModule, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Extra loss terms for a training batch (each is added to the total)."""
+        raise NotImplementedError
+
+
 class NonFiniteLossError(FloatingPointError):
     """A training loss became NaN or Inf."""
 
@@ -51,10 +67,23 @@ class AnomalyModule(L.LightningModule):
     Args:
         protocol: Evaluation protocol (dataclass or its fields as a mapping).
         on_nonfinite: ``raise`` (stop with the step and the batch's paths) or ``skip`` the batch.
+        loss: The method's loss module from the ``loss`` config group, or a :class:`LossPlugin`
+            (then ``default_loss`` builds the method's own loss and the plug-in adds its terms).
+        default_loss: Builds the method's own loss when ``loss`` is ``None`` or a plug-in.
     """
 
-    def __init__(self, protocol: EvalProtocol | dict | None = None, on_nonfinite: str = "raise") -> None:
+    def __init__(
+        self,
+        protocol: EvalProtocol | dict | None = None,
+        on_nonfinite: str = "raise",
+        loss: nn.Module | None = None,
+        default_loss: Any = None,
+    ) -> None:
         super().__init__()
+        self.loss_plugin: LossPlugin | None = loss if isinstance(loss, LossPlugin) else None
+        if isinstance(loss, LossPlugin) or loss is None:
+            loss = default_loss() if default_loss is not None else None
+        self.loss_fn = loss
         if isinstance(protocol, dict) or (protocol is not None and not isinstance(protocol, EvalProtocol)):
             protocol = EvalProtocol(**dict(protocol))
         self.protocol: EvalProtocol = protocol or EvalProtocol()
@@ -74,9 +103,19 @@ class AnomalyModule(L.LightningModule):
         """Losses of a training batch with the total under ``loss`` (subclasses implement)."""
         raise NotImplementedError
 
-    def trainable_modules(self) -> Sequence[nn.Module]:
-        """Modules whose parameters are optimised (default: all with ``requires_grad``)."""
-        return [self]
+    def dense_features(self, images: Tensor) -> list[Tensor]:
+        """Learned dense features ``[(B, C_i, h_i, w_i), ...]`` of a batch, with gradients (for
+        loss plug-ins such as CCL's dense term)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose dense features.")
+
+    def global_embedding(self, images: Tensor) -> Tensor:
+        """A ``(B, D)`` global embedding of a batch, with gradients (CCL's global term)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose a global embedding.")
+
+    def configure_datamodule(self, datamodule: Any) -> None:
+        """Lets the method and its loss plug-in ask the data layer for extra inputs."""
+        if self.loss_plugin is not None:
+            self.loss_plugin.configure_datamodule(datamodule)
 
     # ---------------------------------------------------------------------------- training plumbing
     def check_losses(self, losses: dict[str, Tensor], batch: dict[str, Any]) -> bool:
@@ -110,6 +149,9 @@ class AnomalyModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         """Computes, checks and logs the losses; returns the total (``None`` skips the batch)."""
         losses = self.training_losses(batch)
+        if self.loss_plugin is not None:
+            extra = self.loss_plugin(self, batch)
+            losses = {**losses, **extra, "loss": losses["loss"] + sum(extra.values())}
         if not self.check_losses(losses, batch):
             return None
         self.log_losses(losses, batch_size=len(batch["image"]))

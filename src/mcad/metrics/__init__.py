@@ -1,5 +1,6 @@
 """Exact anomaly-detection metrics (image and pixel level, AUPRO)."""
 
+from mcad.metrics._table import IMAGE_METRICS, METRIC_NAMES, PIXEL_METRICS, compute_metrics
 from mcad.metrics.functional import (
     UndefinedMetricWarning,
     aupro,
@@ -11,6 +12,10 @@ from mcad.metrics.functional import (
 )
 
 __all__ = [
+    "IMAGE_METRICS",
+    "METRIC_NAMES",
+    "PIXEL_METRICS",
+    "compute_metrics",
     "UndefinedMetricWarning",
     "aupro",
     "auroc",

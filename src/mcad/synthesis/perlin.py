@@ -202,9 +202,7 @@ def _default_augmenters() -> list[A.BasicTransform]:
         A.Sequential(  # iaa.MultiplyAndAddToBrightness(mul=(0.8, 1.2), add=(-30, 30))
             [
                 A.MultiplicativeNoise(multiplier=(0.8, 1.2), p=1.0),
-                A.RandomBrightnessContrast(
-                    brightness_limit=(-30 / 255, 30 / 255), contrast_limit=(0.0, 0.0), p=1.0
-                ),
+                A.RandomBrightnessContrast(brightness_limit=(-30 / 255, 30 / 255), contrast_limit=(0.0, 0.0), p=1.0),
             ],
             p=1.0,
         ),

@@ -28,9 +28,7 @@ def _fade(t: np.ndarray) -> np.ndarray:
     return t * t * t * (t * (t * 6.0 - 15.0) + 10.0)
 
 
-def perlin_noise_2d(
-    shape: Sequence[int], res: Sequence[int], rng: np.random.Generator
-) -> np.ndarray:
+def perlin_noise_2d(shape: Sequence[int], res: Sequence[int], rng: np.random.Generator) -> np.ndarray:
     """Two-dimensional Perlin (gradient) noise.
 
     One random unit gradient per lattice corner, a lattice of `res[0] x res[1]` cells stretched over the
@@ -116,9 +114,7 @@ def _colourise(t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return palette[i0] * (1.0 - frac) + palette[i0 + 1] * frac
 
 
-def generate_texture(
-    shape: Sequence[int], rng: np.random.Generator, kind: str | None = None
-) -> np.ndarray:
+def generate_texture(shape: Sequence[int], rng: np.random.Generator, kind: str | None = None) -> np.ndarray:
     """Draw one procedural RGB texture.
 
     Kinds: `fractal` (multi-octave Perlin, marble/cloud-like), `stripes` (oriented sinusoid with

@@ -50,7 +50,7 @@ Level = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 def l2_normalize(x: torch.Tensor, dim: int = 1, eps: float = 1e-12) -> torch.Tensor:
-    """x / (||x|| + eps) along `dim` (CRR `uad.py::l2_normalize`: eps added, not clamped)."""
+    """Divide by the L2 norm plus `eps` along `dim` (CRR `uad.py::l2_normalize`: eps added, not clamped)."""
     return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + eps)
 
 
@@ -143,10 +143,8 @@ class CRRModel(nn.Module):
         if num_levels == 0:
             raise ValueError("backbone provides no feature levels")
         if embed_dim is None:
-            if len(set(self.channels)) == 1:
-                embed_dim = self.channels[0]
-            else:
-                embed_dim = 64 * math.ceil(max(self.channels) / 64)
+            same_width = len(set(self.channels)) == 1
+            embed_dim = self.channels[0] if same_width else 64 * math.ceil(max(self.channels) / 64)
         self.embed_dim = int(embed_dim)
 
         if groups is None:
@@ -156,11 +154,11 @@ class CRRModel(nn.Module):
         self.groups = [list(map(int, g)) for g in groups]
         self.decoder_groups = [list(map(int, g)) for g in decoder_groups]
         if len(self.groups) != len(self.decoder_groups):
-            raise ValueError(
-                f"groups has {len(self.groups)} groups but decoder_groups has {len(self.decoder_groups)}"
-            )
-        for name, gs, n in (("groups", self.groups, num_levels), ("decoder_groups", self.decoder_groups,
-                                                                  num_decoder_blocks)):
+            raise ValueError(f"groups has {len(self.groups)} groups but decoder_groups has {len(self.decoder_groups)}")
+        for name, gs, n in (
+            ("groups", self.groups, num_levels),
+            ("decoder_groups", self.decoder_groups, num_decoder_blocks),
+        ):
             for g in gs:
                 if not g or any(not 0 <= i < n for i in g):
                     raise ValueError(f"{name} entry {g} must be a non-empty list of indices in [0, {n})")
@@ -296,9 +294,7 @@ class CRRModel(nn.Module):
 
         Summing a group's channels gives -cos(E, D); shape `(B, G*D, h, w)`.
         """
-        return torch.cat(
-            [-(l2_normalize(e.detach()) * l2_normalize(d)) for e, d in zip(enc_groups, dec_groups)], dim=1
-        )
+        return torch.cat([-(l2_normalize(e.detach()) * l2_normalize(d)) for e, d in zip(enc_groups, dec_groups)], dim=1)
 
     @staticmethod
     def reconstruction_map(

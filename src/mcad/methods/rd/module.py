@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from mcad.losses.cosine import GlobalCosineLoss
 from mcad.methods.base import AnomalyMaps, AnomalyModule
 from mcad.methods.rd.model import ReverseDistillation
 
@@ -19,7 +20,8 @@ class RDModule(AnomalyModule):
         decoder: Partial building the student decoder (``decoder`` config group).
         ocbe: Partial building the bottleneck embedding (its ``base_width`` is 64 in ADer/CCL, 128 in
             the original RD4AD).
-        loss: Reconstruction loss ``loss(teacher, student) -> Tensor`` (``loss`` config group).
+        loss: Reconstruction loss ``loss(teacher, student) -> Tensor`` (``loss`` config group), or
+            a loss plug-in (``loss=ccl``) added to the default global-cosine loss.
         optimizer: Partial optimiser (Adam 5e-3, betas (0.5, 0.999)).
         scheduler: Partial schedule called with ``(optimizer, total_steps)``, stepped every
             iteration, or ``None`` for a constant LR.
@@ -40,15 +42,22 @@ class RDModule(AnomalyModule):
         on_nonfinite: str = "raise",
         synthesizer: Any = None,
     ) -> None:
-        super().__init__(protocol=protocol, on_nonfinite=on_nonfinite)
+        super().__init__(protocol=protocol, on_nonfinite=on_nonfinite, loss=loss, default_loss=GlobalCosineLoss)
         self.model = ReverseDistillation(backbone, ocbe, decoder)
-        self.loss_fn = loss
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
 
     def training_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         teacher, student = self.model(batch["image"])
         return {"loss": self.loss_fn(teacher, student)}
+
+    def dense_features(self, images: Tensor) -> list[Tensor]:
+        """The student's reconstructed features (the trainable dense maps)."""
+        return self.model(images)[1]
+
+    def global_embedding(self, images: Tensor) -> Tensor:
+        """Global average pool of the one-class embedding (CCL's global feature)."""
+        return self.model.embed(self.model.teacher(images)).mean(dim=(2, 3))
 
     def anomaly_maps(self, images: Tensor) -> AnomalyMaps:
         return AnomalyMaps(self.model.anomaly_map(images))

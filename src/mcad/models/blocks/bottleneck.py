@@ -56,6 +56,7 @@ class NoisyBottleneck(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def extra_repr(self) -> str:
+        """Shown in `repr(module)`."""
         return f"mask_ratio={self.mask_ratio}, mask_at_test={self.mask_at_test}"
 
     def mask_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,139 @@
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mcad.data.datamodule import MixedClassBatchSampler, MultiClassDataModule
+from mcad.data.datasets.mvtec import mvtec_layout_records
+from mcad.data.datasets.synthetic import generate_synthetic_dataset
+from mcad.data.datasets.visa import visa_records
+from mcad.data.io import DataError
+
+
+def _img(path, size=(20, 16), value=100):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size[1], size[0], 3), value, np.uint8)).save(path)
+
+
+def _mask(path, size=(20, 16)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    m = np.zeros((size[1], size[0]), np.uint8)
+    m[2:6, 3:9] = 255
+    Image.fromarray(m).save(path)
+
+
+def make_mvtec_tree(root, classes=("a", "b")):
+    for c in classes:
+        for i in range(3):
+            _img(root / c / "train" / "good" / f"{i:03d}.png")
+        _img(root / c / "test" / "good" / "000.png")
+        _img(root / c / "test" / "crack" / "000.png")
+        _mask(root / c / "ground_truth" / "crack" / "000_mask.png")
+    return root
+
+
+def test_mvtec_layout_lists_samples_with_labels_and_masks(tmp_path):
+    root = make_mvtec_tree(tmp_path / "d")
+    (root / "a" / "train" / "good" / "notes.txt").write_text("ignored")
+    train = mvtec_layout_records(root, ["a", "b"], "train")
+    test = mvtec_layout_records(root, ["a", "b"], "test")
+    assert len(train) == 6 and all(r.label == 0 and r.mask_path is None for r in train)
+    assert sorted((r.class_name, r.defect_type, r.label) for r in test) == [
+        ("a", "crack", 1), ("a", "good", 0), ("b", "crack", 1), ("b", "good", 0)
+    ]
+    assert all(r.mask_path.endswith("000_mask.png") for r in test if r.label)
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda r: None, "Dataset root not found"),
+        (lambda r: __import__("shutil").rmtree(r / "a" / "train"), "train/good"),
+        (lambda r: (r / "a" / "ground_truth" / "crack" / "000_mask.png").unlink(), "No mask"),
+        (lambda r: [p.unlink() for p in (r / "b" / "train" / "good").iterdir()], "no images"),
+    ],
+)
+def test_bad_layouts_raise_actionable_errors(tmp_path, breakage, message):
+    root = tmp_path / "d"
+    if message != "Dataset root not found":
+        make_mvtec_tree(root)
+        breakage(root)
+    split = "test" if message == "No mask" else "train"
+    with pytest.raises(DataError, match=message):
+        mvtec_layout_records(root, ["a", "b"], split)
+
+
+def test_visa_reader_uses_the_split_csv(tmp_path):
+    root = tmp_path / "visa"
+    rows = [("candle", "train", "normal", "candle/Data/Images/Normal/0.JPG", "")]
+    rows += [("candle", "test", "normal", "candle/Data/Images/Normal/1.JPG", "")]
+    rows += [("candle", "test", "anomaly", "candle/Data/Images/Anomaly/2.JPG", "candle/Data/Masks/Anomaly/2.png")]
+    rows += [("pcb1", "train", "normal", "pcb1/Data/Images/Normal/0.JPG", "")]
+    (root / "split_csv").mkdir(parents=True)
+    with open(root / "split_csv" / "1cls.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["object", "split", "label", "image", "mask"])
+        w.writerows(rows)
+    test = visa_records(root, ["candle"], "test")
+    assert [(r.label, r.mask_path is not None) for r in test] == [(0, False), (1, True)]
+    assert visa_records(root, ["candle", "pcb1"], "train")[1].class_name == "pcb1"
+    with pytest.raises(DataError, match="pcb1"):
+        visa_records(root, ["pcb1"], "test")
+
+
+def test_synthetic_generation_is_deterministic_and_cached(tmp_path):
+    kwargs = dict(classes=("stripes", "disk"), num_train=2, num_test_good=1, num_test_defect=2, image_size=64, seed=3)
+    a = generate_synthetic_dataset(tmp_path / "c1", **kwargs)
+    b = generate_synthetic_dataset(tmp_path / "c2", **kwargs)
+    files = sorted(p.relative_to(a) for p in a.rglob("*.png"))
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*.png"))
+    for rel in files:
+        np.testing.assert_array_equal(np.asarray(Image.open(a / rel)), np.asarray(Image.open(b / rel)))
+    mtime = (a / "params.json").stat().st_mtime_ns
+    assert generate_synthetic_dataset(tmp_path / "c1", **kwargs) == a
+    assert (a / "params.json").stat().st_mtime_ns == mtime
+    masks = list(a.rglob("*_mask.png"))
+    assert len(masks) == 4 and all(np.asarray(Image.open(m)).max() == 255 for m in masks)
+    c = generate_synthetic_dataset(tmp_path / "c1", **{**kwargs, "seed": 4})
+    assert c != a
+
+
+def test_datamodule_batches_carry_every_field(tmp_path):
+    root = make_mvtec_tree(tmp_path / "d")
+    dm = MultiClassDataModule(
+        name="t", format="folder", root=str(root), image_size=32, batch_size=2, eval_batch_size=4,
+        num_workers=0, cache_dir=str(tmp_path / "cache"), mean=[0.5] * 3, std=[0.5] * 3,
+    )
+    dm.setup()
+    assert dm.class_names == ["a", "b"]
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["image"].shape == (4, 3, 32, 32) and batch["mask"].shape == (4, 1, 32, 32)
+    assert batch["index"].tolist() == [0, 1, 2, 3]
+    assert batch["class_id"].tolist() == [0, 0, 1, 1]
+    anomalous = batch["label"] == 1
+    assert (batch["mask"][anomalous].amax(dim=(1, 2, 3)) > 0.5).all()
+    assert (batch["mask"][~anomalous] == 0).all()
+    # normalisation: a 100-grey image maps to (100/255 - 0.5) / 0.5
+    assert torch.allclose(batch["image"][0, :, 8, 8], torch.full((3,), 100 / 255 / 0.5 - 1.0), atol=1e-5)
+    assert len(list((tmp_path / "cache" / "decoded").glob("*.npy"))) == 10 + 2  # images + masks
+
+
+def test_mask_of_another_size_is_refused_before_training(tmp_path):
+    root = make_mvtec_tree(tmp_path / "d")
+    _mask(root / "a" / "ground_truth" / "crack" / "000_mask.png", size=(10, 10))
+    dm = MultiClassDataModule(format="folder", root=str(root), num_workers=0, cache_dir=str(tmp_path / "c"),
+                              mean=[0.5] * 3, std=[0.5] * 3)
+    with pytest.raises(DataError, match="000_mask.png.*10x10"):
+        dm.setup()
+
+
+def test_mixed_class_sampler_always_mixes():
+    ids = [0] * 30 + [1] * 2
+    sampler = MixedClassBatchSampler(ids, batch_size=4, seed=0)
+    batches = list(sampler)
+    assert len(batches) == 8
+    assert all(len({ids[i] for i in b}) >= 2 for b in batches)
+    with pytest.raises(DataError, match="two classes"):
+        MixedClassBatchSampler([0, 0, 0], batch_size=2)

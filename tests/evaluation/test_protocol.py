@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from mcad.evaluation.protocol import EvalProtocol
+
+
+@pytest.mark.parametrize("sigma, size", [(4.0, 64), (8.0, 20), (1.5, 33)])
+def test_gaussian_equals_scipy_reflect(sigma, size):
+    maps = torch.rand(3, size, size, generator=torch.Generator().manual_seed(0))
+    ours = EvalProtocol(eval_size=size, sigma=sigma).smooth(maps).numpy()
+    ref = np.stack([gaussian_filter(m.astype(np.float64), sigma) for m in maps.numpy()])
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_dinomaly_kernel_is_5x5_zero_padded():
+    maps = torch.rand(2, 16, 16, generator=torch.Generator().manual_seed(1))
+    proto = EvalProtocol(eval_size=16, kernel_size=5, border="constant")
+    ref = np.stack([gaussian_filter(m.astype(np.float64), 4.0, mode="constant", truncate=0.5) for m in maps.numpy()])
+    np.testing.assert_allclose(proto.smooth(maps).numpy(), ref, atol=1e-6)
+
+
+def test_scores_masks_and_fusion():
+    raw = torch.zeros(2, 1, 8, 8)
+    raw[0, 0, 2, 3] = 10.0
+    proto = EvalProtocol(eval_size=8, smoothing="none", image_score="topk_mean", topk_ratio=2 / 64)
+    maps, scores = proto.process(raw)
+    assert maps.shape == (2, 8, 8)
+    assert scores.tolist() == [5.0, 0.0]  # mean of the top two pixels
+    seg = torch.ones(2, 1, 4, 4)
+    fused, _ = EvalProtocol(eval_size=8, smoothing="none", seg_weight=0.3).process(raw, seg)
+    assert torch.allclose(fused[1], torch.full((8, 8), 0.3))
+    masks = torch.zeros(1, 1, 16, 16)
+    masks[0, 0, 4:8, 4:8] = 1.0
+    binary = EvalProtocol(eval_size=8, gt_threshold=0.5).binarize_masks(masks)
+    assert binary.dtype == torch.uint8 and int(binary.sum()) == 4
+
+
+def test_unsmoothed_pixel_maps_but_smoothed_scores():
+    raw = torch.zeros(1, 1, 32, 32)
+    raw[0, 0, 10, 10] = 1.0
+    maps, score = EvalProtocol(eval_size=32, sigma=2.0, smooth_for_pixel=False).process(raw)
+    assert float(maps.max()) == 1.0 and float(score) < 0.1
+
+
+def test_invalid_options_fail_loudly():
+    with pytest.raises(ValueError, match="image_score"):
+        EvalProtocol(image_score="mean")
+    with pytest.raises(ValueError, match="kernel_size"):
+        EvalProtocol(kernel_size=4)

