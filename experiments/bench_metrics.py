@@ -36,9 +36,21 @@ from mcad.metrics import METRIC_NAMES, compute_metrics, pixel_metrics
 
 # name: (good, defective) test images in MVTec AD
 MVTEC = {
-    "bottle": (20, 63), "cable": (58, 92), "capsule": (23, 109), "carpet": (28, 89), "grid": (21, 57),
-    "hazelnut": (40, 70), "leather": (32, 92), "metal_nut": (22, 93), "pill": (26, 141), "screw": (41, 119),
-    "tile": (33, 84), "toothbrush": (12, 30), "transistor": (60, 40), "wood": (19, 60), "zipper": (32, 119),
+    "bottle": (20, 63),
+    "cable": (58, 92),
+    "capsule": (23, 109),
+    "carpet": (28, 89),
+    "grid": (21, 57),
+    "hazelnut": (40, 70),
+    "leather": (32, 92),
+    "metal_nut": (22, 93),
+    "pill": (26, 141),
+    "screw": (41, 119),
+    "tile": (33, 84),
+    "toothbrush": (12, 30),
+    "transistor": (60, 40),
+    "wood": (19, 60),
+    "zipper": (32, 119),
 }
 
 
@@ -87,8 +99,12 @@ def generate(size: int, seed: int):
 
 def run_suite(maps, masks, scores, labels, class_ids):
     return compute_metrics(
-        torch.from_numpy(scores), torch.from_numpy(labels), torch.from_numpy(class_ids), list(MVTEC),
-        anomaly_maps=torch.from_numpy(maps), gt_masks=torch.from_numpy(masks),
+        torch.from_numpy(scores),
+        torch.from_numpy(labels),
+        torch.from_numpy(class_ids),
+        list(MVTEC),
+        anomaly_maps=torch.from_numpy(maps),
+        gt_masks=torch.from_numpy(masks),
         indices=torch.arange(len(scores)),
     )
 
@@ -102,8 +118,11 @@ def reference_suite(maps, masks, scores, labels, class_ids):
         rows = np.flatnonzero(class_ids == c)
         img = sk_metrics(scores[rows], labels[rows])
         pix = sk_metrics(maps[rows].ravel(), masks[rows].ravel())
-        out[name] = {**{f"I-{k}": v for k, v in img.items()}, **{f"P-{k}": v for k, v in pix.items()},
-                     "AUPRO": aupro_reference(maps[rows], masks[rows])}
+        out[name] = {
+            **{f"I-{k}": v for k, v in img.items()},
+            **{f"P-{k}": v for k, v in pix.items()},
+            "AUPRO": aupro_reference(maps[rows], masks[rows]),
+        }
     return out
 
 
@@ -151,16 +170,20 @@ def main() -> None:
     parser.add_argument("--accumulator", action="store_true", help="also time the torchmetrics accumulator")
     args = parser.parse_args()
 
-    print(f"torch {torch.__version__}, numpy {np.__version__}, threads {torch.get_num_threads()}, "
-          f"cpus {psutil.cpu_count()}")
+    print(
+        f"torch {torch.__version__}, numpy {np.__version__}, threads {torch.get_num_threads()}, "
+        f"cpus {psutil.cpu_count()}"
+    )
     t0 = time.perf_counter()
     maps, masks, labels, class_ids = generate(args.size, args.seed)
     scores = maps.reshape(len(maps), -1).max(axis=1).astype(np.float64)
     n_pix = maps.size
-    print(f"data: {len(maps)} maps {args.size}x{args.size} ({n_pix / 1e6:.1f} M pixels, "
-          f"{(masks.reshape(len(masks), -1).max(1) > 0).sum()} with defects, "
-          f"{masks.mean() * 100:.2f}% defect pixels), generated in {time.perf_counter() - t0:.1f} s; "
-          f"arrays {(maps.nbytes + masks.nbytes) / 1e9:.2f} GB")
+    print(
+        f"data: {len(maps)} maps {args.size}x{args.size} ({n_pix / 1e6:.1f} M pixels, "
+        f"{(masks.reshape(len(masks), -1).max(1) > 0).sum()} with defects, "
+        f"{masks.mean() * 100:.2f}% defect pixels), generated in {time.perf_counter() - t0:.1f} s; "
+        f"arrays {(maps.nbytes + masks.nbytes) / 1e9:.2f} GB"
+    )
     rss_before = rss_gb()
     peak_before = peak_rss_gb()
 
@@ -171,13 +194,18 @@ def main() -> None:
         walls.append(time.perf_counter() - t0)
     wall = min(walls)
     peak = peak_rss_gb()
-    print(f"\nmcad 7-metric suite (15 classes): wall {wall:.2f} s (best of {args.repeat}: "
-          f"{', '.join(f'{w:.2f}' for w in walls)}), process peak RSS {peak:.2f} GB "
-          f"(RSS before the suite {rss_before:.2f} GB incl. imports + data, peak before {peak_before:.2f} GB; "
-          f"suite working memory <= {peak - rss_before:.2f} GB)")
+    print(
+        f"\nmcad 7-metric suite (15 classes): wall {wall:.2f} s (best of {args.repeat}: "
+        f"{', '.join(f'{w:.2f}' for w in walls)}), process peak RSS {peak:.2f} GB "
+        f"(RSS before the suite {rss_before:.2f} GB incl. imports + data, peak before {peak_before:.2f} GB; "
+        f"suite working memory <= {peak - rss_before:.2f} GB)"
+    )
     print_table("values (mcad):", ours["per_class"], METRIC_NAMES)
-    print(f"{'mean':<12}" + "".join(f"{ours['mean'][k]:>10.5f}" for k in METRIC_NAMES)
-          + f"   mAD {ours['mean']['mAD']:.5f}")
+    print(
+        f"{'mean':<12}"
+        + "".join(f"{ours['mean'][k]:>10.5f}" for k in METRIC_NAMES)
+        + f"   mAD {ours['mean']['mAD']:.5f}"
+    )
 
     # float16 storage: effect of rounding the maps (the accumulator's opt-in map_dtype) on pixel metrics.
     d16 = 0.0
@@ -196,15 +224,22 @@ def main() -> None:
         t0 = time.perf_counter()
         for b in range(0, len(maps), 32):
             sl = slice(b, b + 32)
-            acc.update(torch.from_numpy(scores[sl]), torch.from_numpy(labels[sl]),
-                       torch.from_numpy(class_ids[sl]), torch.arange(b, min(b + 32, len(maps))),
-                       torch.from_numpy(maps[sl]), torch.from_numpy(masks[sl]))
+            acc.update(
+                torch.from_numpy(scores[sl]),
+                torch.from_numpy(labels[sl]),
+                torch.from_numpy(class_ids[sl]),
+                torch.arange(b, min(b + 32, len(maps))),
+                torch.from_numpy(maps[sl]),
+                torch.from_numpy(masks[sl]),
+            )
         t1 = time.perf_counter()
         res = acc.compute()
         t2 = time.perf_counter()
         same = res == ours
-        print(f"\naccumulator: update {t1 - t0:.2f} s (copies the maps), compute {t2 - t1:.2f} s, "
-              f"process peak RSS {peak_rss_gb():.2f} GB, identical to compute_metrics: {same}")
+        print(
+            f"\naccumulator: update {t1 - t0:.2f} s (copies the maps), compute {t2 - t1:.2f} s, "
+            f"process peak RSS {peak_rss_gb():.2f} GB, identical to compute_metrics: {same}"
+        )
         del acc, res
 
     try:
@@ -224,9 +259,11 @@ def main() -> None:
             print(f"\nanomalib {anomalib.__version__}: comparison failed: {err!r}")
         else:
             wall_a = time.perf_counter() - t0
-            print(f"\nanomalib {anomalib.__version__} pixel AUROC+AUPR+F1Max+AUPRO (per class, batches of 32): "
-                  f"wall {wall_a:.2f} s, process peak RSS {peak_rss_gb():.2f} GB; "
-                  f"ratio anomalib / mcad full 7-metric suite = {wall_a / wall:.1f}x")
+            print(
+                f"\nanomalib {anomalib.__version__} pixel AUROC+AUPR+F1Max+AUPRO (per class, batches of 32): "
+                f"wall {wall_a:.2f} s, process peak RSS {peak_rss_gb():.2f} GB; "
+                f"ratio anomalib / mcad full 7-metric suite = {wall_a / wall:.1f}x"
+            )
             for key in ("P-AUROC", "P-AP", "P-F1max", "AUPRO"):
                 diff, cname, _ = max_diff(theirs, ours["per_class"], (key,))
                 note = " (anomalib's AUPR is the trapezoidal area, not step-wise AP)" if key == "P-AP" else ""
@@ -236,9 +273,11 @@ def main() -> None:
         t0 = time.perf_counter()
         ref = reference_suite(maps, masks, scores, labels, class_ids)
         diff, cname, key = max_diff(ref, ours["per_class"], METRIC_NAMES)
-        print(f"\nexact reference (sklearn + sort-and-sweep AUPRO) took {time.perf_counter() - t0:.1f} s; "
-              f"max |mcad - reference| over all {len(ref) * len(METRIC_NAMES)} values = {diff:.2e} "
-              f"({cname} {key})")
+        print(
+            f"\nexact reference (sklearn + sort-and-sweep AUPRO) took {time.perf_counter() - t0:.1f} s; "
+            f"max |mcad - reference| over all {len(ref) * len(METRIC_NAMES)} values = {diff:.2e} "
+            f"({cname} {key})"
+        )
 
 
 if __name__ == "__main__":

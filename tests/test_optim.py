@@ -1,14 +1,16 @@
-"""Tests of `mcad.optim`: StableAdamW against hand-computed steps, warm-up + cosine LR factor."""
+"""Tests of `mcad.optim.StableAdamW` against hand-computed steps and of `mcad.schedulers.warmup_cosine`."""
 
 from __future__ import annotations
 
+import functools
 import math
 import pickle
 
 import pytest
 import torch
 
-from mcad.optim import StableAdamW, make_warmup_cosine, warmup_cosine
+from mcad.optim import StableAdamW
+from mcad.schedulers import warmup_cosine, warmup_cosine_factor
 
 
 def _hand_step(p, g, state, lr, wd, b1, b2, eps, clip, amsgrad=True):
@@ -75,23 +77,24 @@ def test_clipping_differs_from_plain_amsgrad_adamw():
 
 
 def test_warmup_cosine_values():
-    f = make_warmup_cosine(total_iters=1000, warmup_iters=100, final_ratio=0.1)
+    # Dinomaly/CRR WarmCosineScheduler: np.linspace warm-up (both endpoints), then half-cosine, then final.
+    f = functools.partial(warmup_cosine_factor, total_steps=1000, warmup_steps=100, final_ratio=0.1)
     assert f(0) == 0.0
     assert f(99) == pytest.approx(1.0)
     assert f(49) == pytest.approx(49 / 99)
     assert f(100) == pytest.approx(1.0)
     assert f(550) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 450 / 900)))
     assert f(999) == pytest.approx(0.1, abs=1e-4) and f(1000) == 0.1 and f(5000) == 0.1
-    assert warmup_cosine(0, 10, 0, 0.5) == 1.0
+    assert warmup_cosine_factor(0, 10, 0, 0.5) == 1.0
+    assert warmup_cosine_factor(0, 10, 5, 0.1, start_ratio=0.2) == 0.2
+    assert warmup_cosine_factor(7, 5, 100, 0.1) == 0.1  # a run shorter than the warm-up ends at final
     assert pickle.loads(pickle.dumps(f))(550) == f(550)
-    with pytest.raises(ValueError):
-        make_warmup_cosine(total_iters=10, warmup_iters=10)
 
 
-def test_warmup_cosine_with_lambda_lr():
+def test_warmup_cosine_scheduler_with_stable_adamw():
     param = torch.nn.Parameter(torch.zeros(1))
     opt = StableAdamW([param], lr=2e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, make_warmup_cosine(200, warmup_iters=10, final_ratio=0.1))
+    sched = warmup_cosine(opt, total_steps=200, warmup_steps=10, final_ratio=0.1)
     lrs = []
     for _ in range(210):
         lrs.append(opt.param_groups[0]["lr"])
@@ -100,3 +103,6 @@ def test_warmup_cosine_with_lambda_lr():
         sched.step()
     assert lrs[0] == 0.0 and lrs[9] == pytest.approx(2e-3) and lrs[-1] == pytest.approx(2e-4)
     assert all(x >= y - 1e-15 for x, y in zip(lrs[9:200], lrs[10:200]))  # non-increasing after warm-up
+    restored = warmup_cosine(StableAdamW([param], lr=2e-3), total_steps=200, warmup_steps=10)
+    restored.load_state_dict(pickle.loads(pickle.dumps(sched.state_dict())))
+    assert restored.last_epoch == sched.last_epoch

@@ -1,22 +1,19 @@
-"""Optimisers and LR-schedule functions that torch does not ship.
+"""Optimisers that torch does not ship (LR schedules live in :mod:`mcad.schedulers`).
 
 * `StableAdamW` - AdamW with AMSGrad and per-tensor update clipping (Wortsman et al. 2023, "Stable and
   low-precision training for large-scale vision-language models"), as in `optimizers/StableAdamW.py` of
   Qiqigeww/CRR-MUAD and guojiajeremy/Dinomaly (erratum E-CRR2: plain `AdamW(amsgrad=True)` differs).
-* `warmup_cosine` - the multiplicative factor of Dinomaly's / CRR's `WarmCosineScheduler` (`utils.py`),
-  for `torch.optim.lr_scheduler.LambdaLR`; `make_warmup_cosine` builds the picklable callable.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterable
 
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["StableAdamW", "make_warmup_cosine", "warmup_cosine"]
+__all__ = ["StableAdamW"]
 
 
 class StableAdamW(Optimizer):
@@ -111,61 +108,3 @@ class StableAdamW(Optimizer):
                 ratio = torch.clamp(rms / group["clip_threshold"], min=1.0)
                 p.addcdiv_(exp_avg, denom * ratio, value=-lr / bias_correction1)
         return loss
-
-
-def warmup_cosine(
-    step: int,
-    total_iters: int,
-    warmup_iters: int = 0,
-    final_ratio: float = 0.1,
-    start_ratio: float = 0.0,
-) -> float:
-    """LR multiplier: linear warm-up, then half-cosine decay, then constant (Dinomaly `WarmCosineScheduler`).
-
-    With base lr L (the optimizer's lr), the lr at `step` is `L * warmup_cosine(step, ...)`:
-
-    * `step < warmup_iters`: linear from `start_ratio` (step 0) to 1 (step `warmup_iters - 1`) - the
-      official `np.linspace(start, base, warmup_iters)`, endpoints included;
-    * `warmup_iters <= step < total_iters`: `final + (1 - final) (1 + cos(pi i / n)) / 2` with
-      `i = step - warmup_iters`, `n = total_iters - warmup_iters`;
-    * `step >= total_iters`: `final_ratio`.
-
-    CRR stage I: lr 2e-3, final 2e-4 (`final_ratio=0.1`), `warmup_iters=100`, `total_iters` = run length.
-
-    Args:
-        step: Zero-based iteration (LambdaLR's epoch counter, stepped once per iteration).
-        total_iters: Length of warm-up plus cosine.
-        warmup_iters: Warm-up length.
-        final_ratio: Final lr / base lr.
-        start_ratio: Warm-up start lr / base lr.
-
-    Returns:
-        The multiplier.
-    """
-    if step >= total_iters:
-        return final_ratio
-    if step < warmup_iters:
-        if warmup_iters == 1:
-            return start_ratio
-        return start_ratio + (1.0 - start_ratio) * step / (warmup_iters - 1)
-    n = total_iters - warmup_iters
-    i = step - warmup_iters
-    return final_ratio + 0.5 * (1.0 - final_ratio) * (1.0 + math.cos(math.pi * i / n))
-
-
-def make_warmup_cosine(
-    total_iters: int, warmup_iters: int = 0, final_ratio: float = 0.1, start_ratio: float = 0.0
-) -> Callable[[int], float]:
-    """`warmup_cosine` with its schedule bound, ready for `LambdaLR(optimizer, lr_lambda=...)`.
-
-    A `functools.partial` of a module-level function (not a closure), so it pickles with checkpoints.
-    """
-    if total_iters <= warmup_iters:
-        raise ValueError(f"total_iters ({total_iters}) must exceed warmup_iters ({warmup_iters})")
-    return functools.partial(
-        warmup_cosine,
-        total_iters=total_iters,
-        warmup_iters=warmup_iters,
-        final_ratio=final_ratio,
-        start_ratio=start_ratio,
-    )

@@ -3,6 +3,19 @@
 Composes the config, validates it, builds data, method, loggers and trainer from their config
 groups, trains, evaluates the last weights under the run's protocol, and writes ``results.json``,
 ``metrics.csv`` and ``metrics.md`` into the run directory.
+
+Training phases: a method that trains in several consecutive phases (CRR: reconstruction, then the
+segmentation head with the reconstruction network frozen) defines ``training_phases()`` returning
+``[{"name": str, "trainer": {Trainer kwargs}, "data": {datamodule attributes}}, ...]`` and
+``start_phase(name)``, which must put the method entirely into that phase (optimiser, frozen parts)
+without relying on earlier phases having run in this process. Each phase then gets its own Trainer
+(the run's trainer config updated with the phase's ``trainer`` entries, e.g. ``max_steps``), its ``data``
+entries are set on the datamodule for that phase only (e.g. a smaller batch), and its checkpoints go to
+``checkpoints/<name>/``; every checkpoint records its phase (``training_phase``). ``ckpt_path`` resumes
+the phase its checkpoint belongs to and runs the following ones; ``ckpt_path=last`` picks the latest
+phase that has a ``last.ckpt``. A method without ``training_phases`` trains in one ``trainer.fit``.
+
+Evaluation only: ``train=false ckpt_path=PATH`` loads the checkpoint's weights and tests them.
 """
 
 from __future__ import annotations
@@ -11,6 +24,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +32,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from mcad.config.validate import validate_config
@@ -74,20 +89,89 @@ def _loggers(cfg: DictConfig) -> list:
     return [instantiate(node) for node in (cfg.get("logger") or {}).values() if node and node.get("_target_")]
 
 
-def _callbacks(cfg: DictConfig) -> list:
-    return [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node and node.get("_target_")]
+def _callbacks(cfg: DictConfig, phase: str | None = None) -> list:
+    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node and node.get("_target_")]
+    if phase is not None:
+        for cb in callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.dirpath:
+                cb.dirpath = os.path.join(cb.dirpath, phase)
+        callbacks.append(_PhaseTag(phase))
+    return callbacks
 
 
-def _resolve_ckpt(cfg: DictConfig) -> str | None:
+class _PhaseTag(L.Callback):
+    """Writes the training phase into every checkpoint, so that a resume knows which phase it continues."""
+
+    def __init__(self, phase: str) -> None:
+        self.phase = phase
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint["training_phase"] = self.phase
+
+
+def _training_phases(method: L.LightningModule) -> list[dict[str, Any]]:
+    """The method's training phases (see the module docstring); empty for single-phase methods."""
+    phases = getattr(method, "training_phases", None)
+    return list(phases()) if callable(phases) else []
+
+
+def _resolve_ckpt(cfg: DictConfig, phases: Sequence[str] = ()) -> str | None:
     ckpt = cfg.get("ckpt_path")
     if ckpt == "last":
-        path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-        if not path.is_file():
-            raise FileNotFoundError(f"ckpt_path=last but {path} does not exist (resume needs hydra.run.dir of that run).")
-        return str(path)
+        folder = Path(cfg.paths.output_dir) / "checkpoints"
+        candidates = [folder / name / "last.ckpt" for name in reversed(phases)] or [folder / "last.ckpt"]
+        for path in candidates:
+            if path.is_file():
+                return str(path)
+        raise FileNotFoundError(
+            f"ckpt_path=last but {candidates[0]} does not exist (resume needs hydra.run.dir of that run)."
+        )
     if ckpt and not Path(ckpt).is_file():
         raise FileNotFoundError(f"Checkpoint not found: {ckpt}")
     return ckpt
+
+
+def _fit_phases(
+    cfg: DictConfig,
+    method: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    phases: list[dict[str, Any]],
+    ckpt: str | None,
+    loggers: list,
+) -> tuple[L.Trainer, list, dict[str, Any]]:
+    """Runs the training phases in order (from the checkpoint's phase when resuming).
+
+    Returns:
+        The last phase's trainer and callbacks, and efficiency figures per phase (``<phase>/<figure>``).
+    """
+    names = [phase["name"] for phase in phases]
+    start = 0
+    if ckpt:
+        tag = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("training_phase")
+        if tag not in names:
+            raise ValueError(f"{ckpt} records training phase {tag!r}, but this method's phases are {names}.")
+        start = names.index(tag)
+    figures: dict[str, Any] = {}
+    for phase in phases[start:]:
+        name = phase["name"]
+        data = dict(phase.get("data") or {})
+        saved = {key: getattr(datamodule, key) for key in data}
+        for key, value in data.items():
+            setattr(datamodule, key, value)
+        method.start_phase(name)
+        callbacks = _callbacks(cfg, phase=name)
+        overrides = dict(phase.get("trainer") or {})
+        trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **overrides)
+        log.info("Training phase '%s' (%s).", name, ", ".join(f"{k}={v}" for k, v in overrides.items()))
+        started = time.perf_counter()
+        trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt if name == names[start] else None)
+        figures[f"{name}/train_seconds"] = time.perf_counter() - started
+        for cb in callbacks:
+            done = getattr(cb, "figures", {}) or {}
+            figures.update({f"{name}/{k}": v for k, v in done.items() if k.startswith("train")})
+        for key, value in saved.items():
+            setattr(datamodule, key, value)
+    return trainer, callbacks, figures
 
 
 def count_flops(method: L.LightningModule, input_size: int) -> float | None:
@@ -124,14 +208,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     method, datamodule = build_components(cfg)
+    phases = _training_phases(method)
     callbacks = _callbacks(cfg)
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=_loggers(cfg) or False, callbacks=callbacks)
+    loggers = _loggers(cfg)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     for lg in trainer.loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     started = time.perf_counter()
+    ckpt = _resolve_ckpt(cfg, [phase["name"] for phase in phases])
+    phase_figures: dict[str, Any] = {}
     if cfg.get("train", True):
-        trainer.fit(method, datamodule=datamodule, ckpt_path=_resolve_ckpt(cfg))
+        if phases:
+            trainer, callbacks, phase_figures = _fit_phases(cfg, method, datamodule, phases, ckpt, loggers)
+        else:
+            trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt)
+    elif ckpt:
+        # Evaluation only: the checkpoint's weights, tested under this run's protocol.
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        method.load_state_dict(state["state_dict"])
+        log.info("Loaded the weights of %s (train=false).", ckpt)
     train_seconds = time.perf_counter() - started
     if not cfg.get("test", True):
         return {}
@@ -142,6 +238,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     efficiency: dict[str, Any] = dict(method.parameter_counts())
     for cb in callbacks:
         efficiency.update(getattr(cb, "figures", {}) or {})
+    if phase_figures:
+        # Whole-run training figures over all phases, plus each phase's own.
+        images = [v for k, v in phase_figures.items() if k.endswith("/train_images") and v]
+        rates = [v for k, v in phase_figures.items() if k.endswith("/train_images_per_second") and v]
+        if images and len(images) == len(rates):
+            efficiency["train_images"] = sum(images)
+            efficiency["train_images_per_second"] = sum(images) / sum(n / r for n, r in zip(images, rates))
+        efficiency["train_wall_seconds"] = train_seconds
+        efficiency.update(phase_figures)
     efficiency.setdefault("train_wall_seconds", train_seconds)
     if cfg.get("count_flops", True):
         efficiency["flops_per_image"] = count_flops(method, datamodule.input_size)
@@ -159,11 +264,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "efficiency": efficiency,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    # Method- or loss-plug-in-specific entries (e.g. CCL's pseudo-label agreement).
+    results.update(getattr(method, "extra_results", dict)() or {})
     paths = write_results(output_dir, results)
     if cfg.get("print_table", True):
         print(f"\n{results['method']} on {results['data']} ({results['protocol']['name']} protocol), %:\n")
         print(metrics_markdown(results["per_class"], results["mean"]))
-        print(f"Outputs in {output_dir}: {', '.join(p.name for p in paths.values())}, checkpoints/last.ckpt")
+        ckpts = ", ".join(f"checkpoints/{p['name']}/last.ckpt" for p in phases) or "checkpoints/last.ckpt"
+        print(f"Outputs in {output_dir}: {', '.join(p.name for p in paths.values())}, {ckpts}")
     return results
 
 

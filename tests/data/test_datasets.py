@@ -41,7 +41,10 @@ def test_mvtec_layout_lists_samples_with_labels_and_masks(tmp_path):
     test = mvtec_layout_records(root, ["a", "b"], "test")
     assert len(train) == 6 and all(r.label == 0 and r.mask_path is None for r in train)
     assert sorted((r.class_name, r.defect_type, r.label) for r in test) == [
-        ("a", "crack", 1), ("a", "good", 0), ("b", "crack", 1), ("b", "good", 0)
+        ("a", "crack", 1),
+        ("a", "good", 0),
+        ("b", "crack", 1),
+        ("b", "good", 0),
     ]
     assert all(r.mask_path.endswith("000_mask.png") for r in test if r.label)
 
@@ -103,8 +106,16 @@ def test_synthetic_generation_is_deterministic_and_cached(tmp_path):
 def test_datamodule_batches_carry_every_field(tmp_path):
     root = make_mvtec_tree(tmp_path / "d")
     dm = MultiClassDataModule(
-        name="t", format="folder", root=str(root), image_size=32, batch_size=2, eval_batch_size=4,
-        num_workers=0, cache_dir=str(tmp_path / "cache"), mean=[0.5] * 3, std=[0.5] * 3,
+        name="t",
+        format="folder",
+        root=str(root),
+        image_size=32,
+        batch_size=2,
+        eval_batch_size=4,
+        num_workers=0,
+        cache_dir=str(tmp_path / "cache"),
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
     )
     dm.setup()
     assert dm.class_names == ["a", "b"]
@@ -123,8 +134,9 @@ def test_datamodule_batches_carry_every_field(tmp_path):
 def test_mask_of_another_size_is_refused_before_training(tmp_path):
     root = make_mvtec_tree(tmp_path / "d")
     _mask(root / "a" / "ground_truth" / "crack" / "000_mask.png", size=(10, 10))
-    dm = MultiClassDataModule(format="folder", root=str(root), num_workers=0, cache_dir=str(tmp_path / "c"),
-                              mean=[0.5] * 3, std=[0.5] * 3)
+    dm = MultiClassDataModule(
+        format="folder", root=str(root), num_workers=0, cache_dir=str(tmp_path / "c"), mean=[0.5] * 3, std=[0.5] * 3
+    )
     with pytest.raises(DataError, match="000_mask.png.*10x10"):
         dm.setup()
 

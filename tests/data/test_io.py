@@ -19,7 +19,7 @@ def test_grayscale_rgba_palette_and_16bit_load_as_rgb(tmp_path):
     p_rgba = _save(tmp_path, "a.png", rgba)
     pal = Image.fromarray(gray).convert("P")
     pal.save(tmp_path / "p.png")
-    sixteen = (gray.astype(np.uint16) * 257)  # full 16-bit range
+    sixteen = gray.astype(np.uint16) * 257  # full 16-bit range
     Image.fromarray(sixteen).save(tmp_path / "s.png")
 
     out_gray = load_image(p_gray)

@@ -11,7 +11,7 @@ def test_results_files(tmp_path):
     write_results(tmp_path, {"per_class": per_class, "mean": mean, "method": "rd"})
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["per_class"]["a"]["I-AUROC"] == 0.98765 and data["per_class"]["b"]["I-AUROC"] is None
-    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))
     assert [r["class"] for r in rows] == ["a", "b", "mean"]
     assert math.isclose(float(rows[2]["mAD"]), 0.375)
     md = (tmp_path / "metrics.md").read_text()

@@ -34,3 +34,14 @@ def test_rd_trains_and_separates_defects_on_synthetic_data(make_config, fast_dat
                            loss=instantiate(cfg.loss), protocol=instantiate(cfg.protocol))
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     restored.load_state_dict(state["state_dict"])
+
+
+@pytest.mark.slow
+def test_rd_real_data_proxy_meets_the_targets(make_config, real_data_root):
+    """One RD model on bottle + cookie (Lite0, CPU budget of experiment=proxy_rd): the issue's bar."""
+    cfg = make_config(["experiment=proxy_rd", f"data.root={real_data_root}", "trainer.enable_progress_bar=false"])
+    results = train(cfg)
+    for name in ("bottle", "cookie"):
+        metrics = results["per_class"][name]
+        assert metrics["I-AUROC"] >= 0.98, (name, metrics)
+        assert metrics["P-AUROC"] >= 0.95, (name, metrics)

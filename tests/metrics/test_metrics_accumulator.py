@@ -42,8 +42,14 @@ def feed(acc, data, order, batch=7):
     scores, labels, class_ids, maps, masks = data
     for b in range(0, len(order), batch):
         i = order[b : b + batch]
-        acc.update(torch.from_numpy(scores[i]), torch.from_numpy(labels[i]), torch.from_numpy(class_ids[i]),
-                   torch.from_numpy(i), torch.from_numpy(maps[i]), torch.from_numpy(masks[i]).bool())
+        acc.update(
+            torch.from_numpy(scores[i]),
+            torch.from_numpy(labels[i]),
+            torch.from_numpy(class_ids[i]),
+            torch.from_numpy(i),
+            torch.from_numpy(maps[i]),
+            torch.from_numpy(masks[i]).bool(),
+        )
 
 
 def test_matches_reference_per_class_and_means():
@@ -88,8 +94,14 @@ def test_conflicting_duplicates_raise():
     scores, labels, class_ids, maps, masks = data
     acc = AnomalyMetricAccumulator(CLASSES)
     feed(acc, data, np.arange(len(scores)))
-    acc.update(torch.tensor([0.0]), torch.tensor([1 - labels[0]]), torch.tensor([class_ids[0]]), torch.tensor([0]),
-               torch.from_numpy(maps[:1]), torch.from_numpy(masks[:1]))
+    acc.update(
+        torch.tensor([0.0]),
+        torch.tensor([1 - labels[0]]),
+        torch.tensor([class_ids[0]]),
+        torch.tensor([0]),
+        torch.from_numpy(maps[:1]),
+        torch.from_numpy(masks[:1]),
+    )
     with pytest.raises(ValueError, match="test index"):
         acc.compute()
 
@@ -129,15 +141,27 @@ def test_float16_storage_is_exact_for_rounded_maps():
 def test_float16_overflow_warns():
     acc = AnomalyMetricAccumulator(CLASSES, map_dtype=torch.float16)
     with pytest.warns(UserWarning, match="float16"):
-        acc.update(torch.zeros(1), torch.ones(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
-                   torch.zeros(1, dtype=torch.long), torch.full((1, 4, 4), 1e6), torch.ones(1, 4, 4, dtype=torch.bool))
+        acc.update(
+            torch.zeros(1),
+            torch.ones(1, dtype=torch.long),
+            torch.zeros(1, dtype=torch.long),
+            torch.zeros(1, dtype=torch.long),
+            torch.full((1, 4, 4), 1e6),
+            torch.ones(1, 4, 4, dtype=torch.bool),
+        )
 
 
 def test_storage_dtypes_and_copies():
     acc = AnomalyMetricAccumulator(CLASSES)
     big = torch.rand(4, 2, 8, 8)
-    acc.update(torch.rand(4), torch.tensor([0, 1, 1, 0]), torch.zeros(4, dtype=torch.long), torch.arange(4),
-               big[:, 0], (big[:, 1] > 0.5))
+    acc.update(
+        torch.rand(4),
+        torch.tensor([0, 1, 1, 0]),
+        torch.zeros(4, dtype=torch.long),
+        torch.arange(4),
+        big[:, 0],
+        (big[:, 1] > 0.5),
+    )
     assert acc.anomaly_maps[0].dtype == torch.float32 and acc.anomaly_maps[0].is_contiguous()
     assert acc.anomaly_maps[0].untyped_storage().nbytes() == 4 * 8 * 8 * 4  # not a view of `big`
     assert acc.gt_masks[0].dtype == torch.uint8
@@ -147,8 +171,9 @@ def test_storage_dtypes_and_copies():
 def test_image_metrics_only():
     scores, labels, class_ids, _, _ = make_dataset(seed=5)
     acc = AnomalyMetricAccumulator(CLASSES, pixel_metrics=False)
-    acc.update(torch.from_numpy(scores), torch.from_numpy(labels), torch.from_numpy(class_ids),
-               torch.arange(len(scores)))
+    acc.update(
+        torch.from_numpy(scores), torch.from_numpy(labels), torch.from_numpy(class_ids), torch.arange(len(scores))
+    )
     out = acc.compute()
     assert set(out["mean"]) == {"I-AUROC", "I-AP", "I-F1max"}
     rows = class_ids == 0
@@ -207,8 +232,17 @@ def test_forward_only_accumulates():
     acc = AnomalyMetricAccumulator(CLASSES)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no per-batch compute (and no undefined-metric warnings)
-        assert acc(torch.from_numpy(scores[:2]), torch.from_numpy(labels[:2]), torch.from_numpy(class_ids[:2]),
-                   torch.arange(2), torch.from_numpy(maps[:2]), torch.from_numpy(masks[:2])) is None
+        assert (
+            acc(
+                torch.from_numpy(scores[:2]),
+                torch.from_numpy(labels[:2]),
+                torch.from_numpy(class_ids[:2]),
+                torch.arange(2),
+                torch.from_numpy(maps[:2]),
+                torch.from_numpy(masks[:2]),
+            )
+            is None
+        )
     assert len(acc.indices) == 1
 
 
@@ -217,7 +251,13 @@ def test_compute_metrics_accepts_chunk_lists():
     whole = compute_metrics(scores, labels, class_ids, CLASSES, maps, masks)
     cuts = [0, 3, 17, 30, len(scores)]
     chunks = [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
-    parts = compute_metrics([torch.from_numpy(scores[s]) for s in chunks], [labels[s] for s in chunks],
-                            [class_ids[s] for s in chunks], CLASSES, [torch.from_numpy(maps[s]) for s in chunks],
-                            [masks[s] for s in chunks], indices=[np.arange(len(scores))[s] for s in chunks])
+    parts = compute_metrics(
+        [torch.from_numpy(scores[s]) for s in chunks],
+        [labels[s] for s in chunks],
+        [class_ids[s] for s in chunks],
+        CLASSES,
+        [torch.from_numpy(maps[s]) for s in chunks],
+        [masks[s] for s in chunks],
+        indices=[np.arange(len(scores))[s] for s in chunks],
+    )
     assert parts == whole

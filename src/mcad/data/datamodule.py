@@ -3,7 +3,9 @@ procedural synthetic dataset."""
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -11,8 +13,9 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, get_worker_info
 
+from mcad.data.augment import reseed_from_torch
 from mcad.data.dataset import AnomalyDataset, DecodedCache, Normalizer, build_transform
 from mcad.data.datasets.mvtec import (
     MVTEC_CLASSES,
@@ -31,6 +34,24 @@ from mcad.data.records import SampleRecord
 log = logging.getLogger(__name__)
 
 FORMATS = ("mvtec", "visa", "folder", "synthetic")
+
+
+def seed_worker(worker_id: int, rank: int = 0) -> None:
+    """``worker_init_fn`` of every loader: Lightning's worker seeding, then a fresh view-pipeline seed.
+
+    albumentations >= 2 keeps its RNG inside the ``Compose`` object, so forked workers would all start
+    from the parent's copy and produce identical "random" views (and, without persistent workers, the
+    same ones every epoch). Lightning adds its own ``worker_init_fn`` only when none is set, so it is
+    called here when ``seed_everything(workers=True)`` asked for it.
+    """
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        from lightning.fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id, rank=rank)
+    info = get_worker_info()
+    view = getattr(info.dataset, "view_transform", None) if info is not None else None
+    if view is not None:
+        reseed_from_torch(view)
 
 
 class MixedClassBatchSampler(Sampler[list[int]]):
@@ -151,6 +172,8 @@ class MultiClassDataModule(L.LightningDataModule):
         # Set by the training entry point from the method's needs.
         self.synthesizer: Callable | None = None
         self.view_transform_factory: Callable[[int, Sequence[float], Sequence[float]], Any] | None = None
+        # Labels the mixed-class sampler mixes (e.g. CCL's k-means pseudo classes); None = the classes.
+        self.sampler_labels: Sequence[int] | None = None
         self.train_dataset: AnomalyDataset | None = None
         self.test_dataset: AnomalyDataset | None = None
         self.class_names: list[str] = []
@@ -239,17 +262,22 @@ class MultiClassDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------------- loaders
     def _loader_kwargs(self) -> dict[str, Any]:
+        trainer = getattr(self, "trainer", None)
+        rank = int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
         return {
             "num_workers": self.num_workers,
             "pin_memory": self.pin_memory,
             "persistent_workers": self.persistent_workers,
+            "worker_init_fn": functools.partial(seed_worker, rank=rank) if self.num_workers > 0 else None,
         }
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches over all classes."""
         assert self.train_dataset is not None, "call setup('fit') first"
         if self.sampler == "mixed_class":
-            ids = [self.train_dataset.class_index[r.class_name] for r in self.train_dataset.records]
+            ids = self.sampler_labels
+            if ids is None:
+                ids = [self.train_dataset.class_index[r.class_name] for r in self.train_dataset.records]
             batches = MixedClassBatchSampler(ids, self.batch_size, self.drop_last, self.seed)
             return DataLoader(self.train_dataset, batch_sampler=batches, **self._loader_kwargs())
         drop_last = self.drop_last and len(self.train_dataset) >= self.batch_size

@@ -8,10 +8,10 @@ Storage choice and error:
 
 * maps are stored as ``float32`` by default: the metrics are then *exact* for the maps the method
   produced (no quantisation; the engine has no binning). ``map_dtype=torch.float16`` halves the memory
-  but rounds scores to 11 significant bits, which creates ties and changes rankings; its effect on the
-  metrics is measured by ``experiments/bench_metrics.py`` (it reports max |float16 - float32|) and it is
-  not within the 1e-4 guarantee in general, so it is opt-in. Values above 65504 overflow to ``inf`` in
-  float16 (a warning is emitted).
+  but rounds scores to 11 significant bits, which creates ties and changes rankings; on the MVTec-sized
+  case of ``experiments/bench_metrics.py`` it moves pixel metrics by up to 7.5e-4 (reported there as
+  max |float16 - float32|), outside the 1e-4 guarantee, so it is opt-in. The metrics are still exact for
+  the rounded maps. Values above 65504 overflow to ``inf`` in float16 (a warning is emitted).
 * masks are stored as ``uint8`` {0, 1}, image scores as ``float64``, labels as ``uint8``.
 
 No sigmoid or any other transformation is ever applied to the scores.
@@ -53,11 +53,14 @@ class AnomalyMetricAccumulator(torchmetrics.Metric):
         map_dtype: Storage dtype of the maps: ``torch.float32`` (default, exact), ``torch.float16``
             (half the memory, rounds scores; opt-in) or ``torch.float64``.
         pixel_metrics: Store maps/masks and compute the pixel metrics (P-AUROC, P-AP, P-F1max, AUPRO).
-        **kwargs: Forwarded to :class:`torchmetrics.Metric` (e.g. ``compute_on_cpu=True`` to move the
-            stored maps off the GPU after every update, ``process_group``).
+        **kwargs: Forwarded to :class:`torchmetrics.Metric` (e.g. ``process_group``, or
+            ``compute_on_cpu=True`` to keep the stored maps in host memory: fine for one process or a gloo
+            group, but NCCL cannot gather CPU tensors).
 
-    Memory: per stored pixel 4 bytes (float32 map) + 1 byte (mask); under DDP every rank holds the gathered
-    states of all ranks during ``compute``. ``compute`` materialises one class at a time.
+    Memory: per stored pixel 4 bytes (float32 map) + 1 byte (mask). ``compute`` materialises one class at a
+    time (~5 bytes per pixel of that class plus one sorted copy of its scores). Under DDP every rank
+    receives the states of all ranks: during the gather it briefly holds its local states, one
+    concatenated local copy, the gathered list and their concatenation (torchmetrics' ``cat`` sync).
     """
 
     is_differentiable = False
@@ -126,8 +129,9 @@ class AnomalyMetricAccumulator(torchmetrics.Metric):
         cls = class_ids.detach().reshape(-1)
         idx = indices.detach().reshape(-1)
         if not (lab.numel() == cls.numel() == idx.numel() == b):
-            raise ValueError(f"batch sizes differ: scores {b}, labels {lab.numel()}, class_ids {cls.numel()}, "
-                             f"indices {idx.numel()}")
+            raise ValueError(
+                f"batch sizes differ: scores {b}, labels {lab.numel()}, class_ids {cls.numel()}, indices {idx.numel()}"
+            )
         if lab.is_floating_point() or cls.is_floating_point() or idx.is_floating_point():
             raise ValueError("labels, class_ids and indices must be integer (or bool) tensors")
         if b and ((lab != 0) & (lab != 1)).any():
@@ -147,8 +151,10 @@ class AnomalyMetricAccumulator(torchmetrics.Metric):
         if maps.shape != masks.shape:
             raise ValueError(f"anomaly_maps {tuple(maps.shape)} and gt_masks {tuple(masks.shape)} differ")
         if self.anomaly_maps and self.anomaly_maps[0].shape[1:] != maps.shape[1:]:
-            raise ValueError(f"map size {tuple(maps.shape[1:])} differs from earlier batches "
-                             f"{tuple(self.anomaly_maps[0].shape[1:])}; evaluate at one resolution")
+            raise ValueError(
+                f"map size {tuple(maps.shape[1:])} differs from earlier batches "
+                f"{tuple(self.anomaly_maps[0].shape[1:])}; evaluate at one resolution"
+            )
         if masks.is_floating_point():
             raise ValueError("gt_masks must be bool or integer {0, 1}; binarise with the protocol's gt_threshold")
         if masks.dtype != torch.bool and masks.numel() and (masks.min() < 0 or masks.max() > 1):
@@ -157,8 +163,11 @@ class AnomalyMetricAccumulator(torchmetrics.Metric):
         stored = torch.empty(maps.shape, dtype=self.map_dtype, device=maps.device)
         stored.copy_(maps)
         if self.map_dtype == torch.float16 and torch.isinf(stored).any() and not torch.isinf(maps).any():
-            warnings.warn("anomaly map values exceed the float16 range (65504) and were stored as inf; "
-                          "use map_dtype=torch.float32", stacklevel=2)
+            warnings.warn(
+                "anomaly map values exceed the float16 range (65504) and were stored as inf; "
+                "use map_dtype=torch.float32",
+                stacklevel=2,
+            )
         self.anomaly_maps.append(stored)
         self.gt_masks.append(masks.to(torch.uint8, copy=True).contiguous())
 

@@ -82,8 +82,11 @@ class EvalProtocol:
         return (taps / taps.sum()).to(device=device, dtype=torch.float32)
 
     def smooth(self, maps: Tensor) -> Tensor:
-        """Gaussian smoothing of ``(B, H, W)`` maps, equal to scipy's ``gaussian_filter`` with the
-        default ``reflect`` border (or zero padding for ``border=constant``)."""
+        """Gaussian smoothing of ``(B, H, W)`` maps.
+
+        Equal to scipy's ``gaussian_filter`` with its default ``reflect`` border, or zero padding for
+        ``border=constant``.
+        """
         if self.smoothing == "none":
             return maps
         taps = self.gaussian_kernel(maps.device).to(maps.dtype)
@@ -132,8 +135,7 @@ class EvalProtocol:
         return maps.squeeze(1)
 
     def binarize_masks(self, masks: Tensor) -> Tensor:
-        """``(B, 1, H, W)`` masks in [0, 1] -> ``(B, S, S)`` uint8 {0, 1}: bilinear resize, then
-        ``> gt_threshold``."""
+        """``(B, 1, H, W)`` masks in [0, 1] -> ``(B, S, S)`` uint8 {0, 1}: bilinear resize, then ``> gt_threshold``."""
         if masks.dim() == 3:
             masks = masks.unsqueeze(1)
         masks = masks.float()
@@ -157,4 +159,3 @@ def _pad_1d(x: Tensor, radius: int, dim: int, border: str) -> Tensor:
     idx = torch.remainder(idx, period)
     idx = torch.where(idx >= n, period - 1 - idx, idx)
     return x.index_select(dim, idx)
-

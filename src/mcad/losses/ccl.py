@@ -29,18 +29,30 @@ Numerics: every term is evaluated in float32 (inputs are up-cast) because with �
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import warnings
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mcad.data.augment import contrastive_view_transform
+from mcad.data.io import DataError
+from mcad.data.pseudo_labels import adjusted_rand_index, cache_key, cached_pseudo_labels, kmeans_pseudo_labels
+from mcad.methods.base import LossPlugin
+
+log = logging.getLogger(__name__)
+
 __all__ = [
     "GlobalCL",
     "CCLLoss",
+    "CCLPlugin",
     "dense_class_contrastive_loss",
     "dense_correspondence",
     "sample_other_class_indices",
@@ -550,3 +562,262 @@ class CCLLoss(nn.Module):
             glob = self.lambda_global * glob
 
         return {"dense": dense, "global_": glob, "total": dense + glob}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loss plug-in (`loss=ccl`): labels, second view and the two terms for any method
+# ----------------------------------------------------------------------------------------------------------
+LabelSource = Literal["gt", "kmeans"]
+Correspondence = Literal["auto", "dense"]
+
+
+def _make_view_transform(
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    crop_scale: tuple[float, float],
+    rotate_limit: float,
+    blur_kernel: int,
+) -> Any:
+    """The datamodule's ``view_transform_factory``: the CCL view pipeline, seeded from torch.
+
+    Seeding from ``torch.initial_seed()`` (the run's ``seed`` after ``seed_everything``) makes runs
+    with ``num_workers=0`` reproducible; loader workers re-seed it (``worker_init_fn``).
+    """
+    return contrastive_view_transform(
+        image_size, mean, std, crop_scale=crop_scale, rotate_limit=rotate_limit, blur_kernel=blur_kernel,
+        seed=int(torch.initial_seed() % 2**32),
+    )  # fmt: skip
+
+
+def _normalised_batches(dataset: Any, mean: Sequence[float], std: Sequence[float], batch_size: int) -> Iterator[Tensor]:
+    """The training images of ``dataset`` in order, without any augmentation, normalised with ``mean``/``std``.
+
+    Reads through the dataset's decoded cache and its deterministic transform (resize, optional centre
+    crop), so the clustered images are exactly the clean views the method trains on.
+    """
+    shift = 255.0 * torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    scale = 255.0 * torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    for start in range(0, len(dataset), batch_size):
+        stop = min(start + batch_size, len(dataset))
+        images = [dataset.transform(image=dataset.load(i)[0])["image"] for i in range(start, stop)]
+        yield (torch.stack(images).float() - shift) / scale
+
+
+class CCLPlugin(LossPlugin):
+    """CCL as a loss plug-in (``loss=ccl``): the two class-aware contrastive terms on any method.
+
+    The plug-in asks the data layer for CCL's augmented second view (``image_aug``, spec §3.3) and for
+    batches that hold at least two classes, provides each sample's class label (ground-truth category or
+    k-means pseudo class) and computes :class:`CCLLoss` from the method's feature hooks:
+
+    * dense term: ``method.dense_features`` of both views are contrasted; the argmax correspondence
+      between the views comes from ``method.correspondence_features`` (e.g. a frozen teacher) when the
+      method provides it, else from the (detached) dense features themselves;
+    * global term: ``method.global_embedding`` of both views.
+
+    The generic path costs extra forward passes (clean and augmented view through each hook). A method
+    that wraps CCL natively (``method=ccl_rd``) computes the features in its own two-view pass and calls
+    :meth:`batch_labels` and :attr:`terms` directly, so the loss functions are shared, not duplicated.
+
+    Args:
+        lambda_dense: Weight of the dense term (official 1).
+        lambda_global: Weight of the global term (official 1).
+        use_dense: Enable the dense term.
+        use_global: Enable the global term.
+        global_cl: ``supcon`` (default, spec A-CCL1), ``ccl_head`` (later official code) or ``ccl_v1``.
+        tau_dense: Dense temperature (official configs 0.05).
+        tau_global: Global temperature (official configs 0.05).
+        chunk_size: Query chunk of the correspondence search (memory only).
+        label_source: ``gt`` (category index from the data layer) or ``kmeans`` (pseudo classes, A-CCL3).
+        kmeans_backbone: Partial building the frozen feature extractor for the pseudo labels (a
+            :class:`~mcad.models.backbones.TimmBackbone`); the GAP of its last level is clustered.
+            Official v1: ImageNet ResNet-18 ``layer4`` (512-d). Only built when ``label_source=kmeans``.
+        kmeans_clusters: Number of clusters; ``None`` = number of classes in the training set (E-CCL3;
+            the official code hard-codes 15).
+        kmeans_seed: K-means ``random_state`` (official 0).
+        kmeans_n_init: K-means restarts (pinned: scikit-learn's default changed in 1.4).
+        cache_dir: Pseudo labels are cached under ``<cache_dir>/pseudo_labels`` keyed by the feature
+            extractor, the sizes, the k-means settings and the ordered training file list; ``None`` = no cache.
+        correspondence: ``auto`` (the method's ``correspondence_features`` if it has them, else its dense
+            features) or ``dense`` (always the dense features).
+        view_crop_scale: RandomResizedCrop area range of the second view (official RD recipe 0.8-1.0;
+            ViTAD+CCL 0.7-1.0).
+        view_rotate_limit: Rotation range of the second view in degrees (RD recipe 15; ViTAD+CCL 30).
+        view_blur_kernel: Gaussian-blur kernel of the second view (RD recipe 23).
+    """
+
+    def __init__(
+        self,
+        lambda_dense: float = 1.0,
+        lambda_global: float = 1.0,
+        use_dense: bool = True,
+        use_global: bool = True,
+        global_cl: GlobalCL = "supcon",
+        tau_dense: float = 0.05,
+        tau_global: float = 0.05,
+        chunk_size: int | None = 1024,
+        label_source: LabelSource = "gt",
+        kmeans_backbone: Callable[[], nn.Module] | None = None,
+        kmeans_clusters: int | None = None,
+        kmeans_seed: int = 0,
+        kmeans_n_init: int = 10,
+        cache_dir: str | None = None,
+        correspondence: Correspondence = "auto",
+        view_crop_scale: Sequence[float] = (0.8, 1.0),
+        view_rotate_limit: float = 15.0,
+        view_blur_kernel: int = 23,
+    ) -> None:
+        super().__init__()
+        if label_source not in ("gt", "kmeans"):
+            raise ValueError(f"loss.label_source must be 'gt' or 'kmeans', got {label_source!r}.")
+        if correspondence not in ("auto", "dense"):
+            raise ValueError(f"loss.correspondence must be 'auto' or 'dense', got {correspondence!r}.")
+        if kmeans_clusters is not None and kmeans_clusters < 2:
+            raise ValueError(f"loss.kmeans_clusters must be >= 2 (contrast needs two classes), got {kmeans_clusters}.")
+        self.terms = CCLLoss(
+            lambda_dense=lambda_dense, lambda_global=lambda_global, use_dense=use_dense, use_global=use_global,
+            global_cl=global_cl, tau_dense=tau_dense, tau_global=tau_global, chunk_size=chunk_size,
+        )  # fmt: skip
+        self.label_source: LabelSource = label_source
+        self.kmeans_backbone = kmeans_backbone
+        self.kmeans_clusters = kmeans_clusters
+        self.kmeans_seed = int(kmeans_seed)
+        self.kmeans_n_init = int(kmeans_n_init)
+        self.cache_dir = cache_dir
+        self.correspondence = correspondence
+        self.view_options = {
+            "crop_scale": (float(view_crop_scale[0]), float(view_crop_scale[1])),
+            "rotate_limit": float(view_rotate_limit),
+            "blur_kernel": int(view_blur_kernel),
+        }
+        self._datamodule: Any = None
+        self._pseudo: Tensor | None = None  # (N,) pseudo label of every training sample index
+        self.label_info: dict[str, Any] = {"source": label_source}
+
+    # ------------------------------------------------------------------------------------ data wiring
+    def configure_datamodule(self, datamodule: Any) -> None:
+        """Requests the augmented view (``image_aug``) and batches holding at least two classes."""
+        datamodule.view_transform_factory = functools.partial(_make_view_transform, **self.view_options)
+        datamodule.sampler = "mixed_class"
+        self._datamodule = datamodule
+
+    def setup(self, method: Any) -> None:
+        """Checks the classes of the training set and, for ``kmeans``, computes the pseudo labels.
+
+        Called once at the start of training (:meth:`AnomalyModule.on_fit_start`), after the data
+        module is set up and before the training loader is built.
+
+        Raises:
+            DataError: The training set holds a single class and ``label_source=gt`` (no negatives), or
+                k-means would have fewer than two clusters.
+        """
+        dm = self._datamodule
+        if dm is None:
+            trainer = getattr(method, "_trainer", None)
+            dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        dataset = getattr(dm, "train_dataset", None)
+        if dataset is None:
+            raise RuntimeError("loss=ccl needs the training data module (built by mcad.train.build_components).")
+        class_ids = np.array([dataset.class_index[r.class_name] for r in dataset.records], dtype=np.int64)
+        present = sorted({r.class_name for r in dataset.records})
+        if self.label_source == "gt":
+            if len(present) < 2:
+                raise DataError(
+                    f"CCL with loss.label_source=gt needs at least two object classes in the training set: its "
+                    f"negatives are images of another class, but the training set only holds {present}. Train "
+                    "on several classes, or use loss.label_source=kmeans loss.kmeans_clusters=2 (or more)."
+                )
+            self._pseudo = None
+            self.label_info = {"source": "gt", "num_classes": len(present)}
+            return
+        k = self.kmeans_clusters or len(present)
+        if k < 2:
+            raise DataError(
+                f"loss.label_source=kmeans with k = number of classes = {k} gives a single pseudo class "
+                f"(training set: {present}); set loss.kmeans_clusters=2 or more."
+            )
+        labels, extractor = self._kmeans_labels(dataset, k, method.device)
+        ari = adjusted_rand_index(class_ids, labels)
+        counts = np.bincount(labels, minlength=k).tolist()
+        log.info("CCL pseudo labels: k-means (k=%d) on %s features of %d training images; adjusted Rand index "
+                 "against the classes = %.4f; cluster sizes %s", k, extractor, len(labels), ari, counts)  # fmt: skip
+        self._pseudo = torch.from_numpy(labels)
+        self.label_info = {
+            "source": "kmeans", "num_classes": len(present), "num_clusters": k, "features": extractor,
+            "adjusted_rand_index": ari, "cluster_sizes": counts,
+        }  # fmt: skip
+        if getattr(dm, "sampler", None) == "mixed_class":
+            # Mix pseudo classes, which are what the contrastive terms see.
+            dm.sampler_labels = labels.tolist()
+
+    def _kmeans_labels(self, dataset: Any, k: int, device: torch.device) -> tuple[np.ndarray, str]:
+        if self.kmeans_backbone is None:
+            raise ValueError("loss.label_source=kmeans needs loss.kmeans_backbone (a frozen feature extractor).")
+        backbone = self.kmeans_backbone().to(device)
+        extractor = str(getattr(backbone, "model_name", type(backbone).__name__))
+        options = {k_: str(v) for k_, v in sorted(getattr(self.kmeans_backbone, "keywords", {}).items())}
+        crop = getattr(dataset.transform, "transforms", None)
+        key = cache_key(
+            "ccl-kmeans-v1", extractor, options, list(getattr(backbone, "out_indices", [])), dataset.load_size,
+            str(crop), k, self.kmeans_seed, self.kmeans_n_init, [r.image_path for r in dataset.records],
+        )  # fmt: skip
+
+        def compute() -> np.ndarray:
+            from mcad.data.pseudo_labels import extract_global_features
+
+            mean = getattr(backbone, "mean", (0.485, 0.456, 0.406))
+            std = getattr(backbone, "std", (0.229, 0.224, 0.225))
+            features = extract_global_features(backbone, _normalised_batches(dataset, mean, std, 32), device=device)
+            return kmeans_pseudo_labels(features, k, seed=self.kmeans_seed, n_init=self.kmeans_n_init)
+
+        if self.cache_dir is None:
+            return np.asarray(compute(), dtype=np.int64), extractor
+        path = Path(self.cache_dir).expanduser() / "pseudo_labels" / f"{key[:24]}.npz"
+        return cached_pseudo_labels(path, compute, key=key), extractor
+
+    def batch_labels(self, batch: dict[str, Any]) -> Tensor:
+        """``(B,)`` class labels of a training batch: ``class_id`` (gt) or the pseudo label of ``index``."""
+        device = batch["image"].device
+        if self.label_source == "gt":
+            return torch.as_tensor(batch["class_id"]).to(device)
+        if self._pseudo is None:
+            raise RuntimeError("loss.label_source=kmeans: pseudo labels are computed at fit start (CCLPlugin.setup).")
+        return self._pseudo[torch.as_tensor(batch["index"]).cpu()].to(device)
+
+    def extra_results(self) -> dict[str, Any]:
+        """``{"class_labels": ...}`` for results.json (label source, k, adjusted Rand index)."""
+        return {"class_labels": dict(self.label_info)}
+
+    # ------------------------------------------------------------------------------------ loss
+    def forward(self, method: Any, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """The weighted CCL terms of a training batch, from the method's feature hooks.
+
+        Returns:
+            ``{"ccl_dense": λ_d·L_dense, "ccl_global": λ_g·L_global}`` (a disabled term is 0).
+        """
+        if "image_aug" not in batch:
+            raise RuntimeError(
+                "loss=ccl needs the augmented view batch['image_aug']: the data module was not configured "
+                "by the plug-in (AnomalyModule.configure_datamodule, called by mcad.train.build_components)."
+            )
+        images, images_aug = batch["image"], batch["image_aug"]
+        labels = self.batch_labels(batch)
+        dense = dense_aug = corr = corr_aug = None
+        if self.terms.use_dense:
+            dense, dense_aug = method.dense_features(images), method.dense_features(images_aug)
+            corr = corr_aug = None
+            if self.correspondence == "auto":
+                corr = method.correspondence_features(images)
+                corr_aug = method.correspondence_features(images_aug) if corr is not None else None
+            if corr is None:
+                corr, corr_aug = [f.detach() for f in dense], [f.detach() for f in dense_aug]
+        g = g_aug = None
+        if self.terms.use_global:
+            g = method.global_embedding(images)
+            if self.terms.global_cl != "ccl_head":
+                g_aug = method.global_embedding(images_aug)
+        if g is None:
+            g = images.new_zeros(len(images), 1)  # CCLLoss only reads its device
+        out = self.terms(corr, corr_aug, dense, dense_aug, g, g_aug, labels)
+        return {"ccl_dense": out["dense"], "ccl_global": out["global_"]}

@@ -27,9 +27,11 @@ def cosine_distance_map(target: Tensor, pred: Tensor) -> Tensor:
 
 
 def fused_cosine_map(targets: Sequence[Tensor], preds: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
-    """Mean over levels of the per-pixel cosine distance, each upsampled bilinearly
-    (align_corners=True) to ``size`` (ADer averages the levels; RD4AD sums them — a constant factor
-    that changes no metric)."""
+    """Mean over levels of the per-pixel cosine distance, each upsampled to ``size``.
+
+    Bilinear with align_corners=True. ADer averages the levels; RD4AD sums them (a constant factor
+    that changes no metric).
+    """
     maps = [
         F.interpolate(cosine_distance_map(t, s), size=size, mode="bilinear", align_corners=True)
         for t, s in zip(targets, preds)

@@ -52,6 +52,16 @@ class LossPlugin(nn.Module):
     def configure_datamodule(self, datamodule: Any) -> None:
         """Asks the data layer for what the plug-in needs (extra views, a sampler...)."""
 
+    def setup(self, method: AnomalyModule) -> None:
+        """One-off preparation at the start of training, e.g. checking the classes or computing pseudo labels.
+
+        Called by :meth:`AnomalyModule.on_fit_start`: the data module is set up, loaders are not built yet.
+        """
+
+    def extra_results(self) -> dict[str, Any]:
+        """Entries the plug-in adds to ``results.json`` (e.g. how well pseudo labels match the classes)."""
+        return {}
+
     def forward(self, method: AnomalyModule, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Extra loss terms for a training batch (each is added to the total)."""
         raise NotImplementedError
@@ -104,18 +114,38 @@ class AnomalyModule(L.LightningModule):
         raise NotImplementedError
 
     def dense_features(self, images: Tensor) -> list[Tensor]:
-        """Learned dense features ``[(B, C_i, h_i, w_i), ...]`` of a batch, with gradients (for
-        loss plug-ins such as CCL's dense term)."""
+        """Learned dense features ``[(B, C_i, h_i, w_i), ...]`` of a batch, with gradients.
+
+        Used by loss plug-ins such as CCL's dense term.
+        """
         raise NotImplementedError(f"{type(self).__name__} does not expose dense features.")
 
     def global_embedding(self, images: Tensor) -> Tensor:
         """A ``(B, D)`` global embedding of a batch, with gradients (CCL's global term)."""
         raise NotImplementedError(f"{type(self).__name__} does not expose a global embedding.")
 
+    def correspondence_features(self, images: Tensor) -> list[Tensor] | None:
+        """Frozen dense features matching :meth:`dense_features` level by level, or ``None``.
+
+        They are used to match locations between two views (CCL's dense term: a teacher's maps, at the
+        resolutions of the dense features); ``None`` (default) lets the plug-in match on the dense
+        features themselves.
+        """
+        return None
+
     def configure_datamodule(self, datamodule: Any) -> None:
         """Lets the method and its loss plug-in ask the data layer for extra inputs."""
         if self.loss_plugin is not None:
             self.loss_plugin.configure_datamodule(datamodule)
+
+    def on_fit_start(self) -> None:
+        """Runs the loss plug-in's one-off preparation (subclasses overriding this call ``super()``)."""
+        if self.loss_plugin is not None:
+            self.loss_plugin.setup(self)
+
+    def extra_results(self) -> dict[str, Any]:
+        """Method- or plug-in-specific entries that the training entry point adds to ``results.json``."""
+        return self.loss_plugin.extra_results() if self.loss_plugin is not None else {}
 
     # ---------------------------------------------------------------------------- training plumbing
     def check_losses(self, losses: dict[str, Tensor], batch: dict[str, Any]) -> bool:
@@ -170,8 +200,9 @@ class AnomalyModule(L.LightningModule):
         acc = AnomalyMetricAccumulator(self.class_names, fpr_limit=self.protocol.fpr_limit)
         self._eval = {"accumulator": acc.to(self.device)}
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Maps -> protocol -> accumulator."""
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        """Maps -> protocol -> accumulator; returns the evaluated maps, masks and scores for
+        callbacks (visualisation, W&B panels)."""
         out = self.anomaly_maps(batch["image"])
         pixel_maps, scores = self.protocol.process(out.anomaly_map, out.segmentation)
         masks = self.protocol.binarize_masks(batch["mask"])
@@ -183,6 +214,7 @@ class AnomalyModule(L.LightningModule):
             anomaly_maps=pixel_maps,
             gt_masks=masks,
         )
+        return {"anomaly_map": pixel_maps, "gt_mask": masks, "score": scores}
 
     def on_test_epoch_end(self) -> None:
         """Computes the per-class table and logs ``test/<metric>`` and ``test/<class>/<metric>``."""

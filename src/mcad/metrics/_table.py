@@ -52,8 +52,9 @@ class _Rows:
         self.spatial = tuple(self.chunks[0].shape[1:]) if self.chunks else ()
         for c in self.chunks:
             if tuple(c.shape[1:]) != self.spatial:
-                raise ValueError(f"all maps/masks must share one spatial size; got {tuple(c.shape[1:])} "
-                                 f"and {self.spatial}")
+                raise ValueError(
+                    f"all maps/masks must share one spatial size; got {tuple(c.shape[1:])} and {self.spatial}"
+                )
 
     def take(self, rows: np.ndarray, dtype: np.dtype) -> np.ndarray:
         """Rows ``rows`` (global positions, any order) as one contiguous CPU array of ``dtype``."""
@@ -86,8 +87,10 @@ def _dedup_order(indices: np.ndarray, labels: np.ndarray, class_ids: np.ndarray)
         inverse = np.searchsorted(indices[first], indices)
         canonical = first[inverse]
         if (labels != labels[canonical]).any() or (class_ids != class_ids[canonical]).any():
-            raise ValueError("samples sharing a test index have different labels/classes; "
-                             "`indices` must identify the sample's position in the test set")
+            raise ValueError(
+                "samples sharing a test index have different labels/classes; "
+                "`indices` must identify the sample's position in the test set"
+            )
     return first
 
 

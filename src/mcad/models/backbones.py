@@ -175,9 +175,7 @@ class TimmBackbone(nn.Module):
         cfg = self.model.pretrained_cfg
         self.mean: tuple[float, float, float] = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
         self.std: tuple[float, float, float] = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
-        self.pool = (
-            nn.AvgPool2d(feature_pool, stride=1, padding=feature_pool // 2) if feature_pool else nn.Identity()
-        )
+        self.pool = nn.AvgPool2d(feature_pool, stride=1, padding=feature_pool // 2) if feature_pool else nn.Identity()
         self.frozen = frozen
         if frozen:
             for p in self.model.parameters():

@@ -52,9 +52,7 @@ def _mask_for(root: Path, class_name: str, defect: str, image: Path) -> Path:
     for candidate in (folder / f"{image.stem}_mask.png", folder / f"{image.stem}.png"):
         if candidate.is_file():
             return candidate
-    raise DataError(
-        f"No mask for anomalous test image {image}: expected {folder / (image.stem + '_mask.png')}."
-    )
+    raise DataError(f"No mask for anomalous test image {image}: expected {folder / (image.stem + '_mask.png')}.")
 
 
 def mvtec_layout_records(root: str | Path, classes: Sequence[str], split: str) -> list[SampleRecord]:

@@ -44,7 +44,9 @@ def visa_records(
             if anomalous and mask is None:
                 raise DataError(f"Anomalous VisA image {row['image']} has no mask entry in {csv_path}.")
             records.append(
-                SampleRecord(str(root / row["image"]), mask, int(anomalous), row["object"], "bad" if anomalous else "good")
+                SampleRecord(
+                    str(root / row["image"]), mask, int(anomalous), row["object"], "bad" if anomalous else "good"
+                )
             )
     found = {r.class_name for r in records}
     missing = [c for c in classes if c not in found]

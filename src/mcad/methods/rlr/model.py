@@ -20,6 +20,19 @@ from mcad.models.blocks.rlr import RLRDecoder
 from mcad.synthesis.feature_jitter import FeatureJitter
 
 FeatureTransform = Callable[[list[Tensor]], list[Tensor]]
+LevelLoss = Callable[[Tensor, Tensor], Tensor]
+
+
+class MSECosineLoss(nn.Module):
+    """RLR's per-level criterion as a module (the ``loss=mse_cosine`` config).
+
+    ``loss(pred, target) = MSE(pred, target) + mean_tokens(1 - cos_C(pred, target))`` for ONE level
+    (:func:`~mcad.losses.reconstruction.mse_cosine_loss`); the method applies it to every level.
+    """
+
+    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
+        """Returns the scalar loss of one level's reconstruction ``pred`` of ``target``."""
+        return mse_cosine_loss(pred, target)
 
 
 class RLRModel(nn.Module):
@@ -35,6 +48,8 @@ class RLRModel(nn.Module):
             (RLR: :class:`~mcad.synthesis.feature_jitter.FeatureJitter` with scale 4); ``None`` = off.
         avg_pool: Smooth each feature map with ``AvgPool2d(3, stride 1, padding 1)`` (zero padding
             counted, PyTorch's default) before everything, as RLR does unless ``--no_avg``.
+        loss_fn: Per-level criterion ``loss_fn(pred, target) -> scalar``; default RLR's
+            :func:`~mcad.losses.reconstruction.mse_cosine_loss`.
 
     """
 
@@ -44,6 +59,7 @@ class RLRModel(nn.Module):
         decoder: RLRDecoder,
         jitter: FeatureTransform | None = None,
         avg_pool: bool = True,
+        loss_fn: LevelLoss | None = None,
     ) -> None:
         super().__init__()
         channels = getattr(backbone, "channels", None)
@@ -56,6 +72,7 @@ class RLRModel(nn.Module):
         self.decoder = decoder
         self.jitter = jitter
         self.pool = nn.AvgPool2d(3, stride=1, padding=1) if avg_pool else nn.Identity()
+        self.loss_fn: LevelLoss = loss_fn if loss_fn is not None else mse_cosine_loss
 
     @classmethod
     def from_backbone(
@@ -118,14 +135,15 @@ class RLRModel(nn.Module):
 
         Returns:
             ``(losses, features, reconstructions)`` and optionally ``hidden``: one scalar loss
-            (:func:`~mcad.losses.reconstruction.mse_cosine_loss`) per level, the clean targets and
+            (``loss_fn``, by default :func:`~mcad.losses.reconstruction.mse_cosine_loss`) per level,
+            the clean targets and
             the reconstructions, each a per-level list.
 
         """
         features = self.extract_features(images)
         inputs = self.jitter(features) if self.jitter is not None else features
         recons, hidden = self.decoder.forward_with_hidden(inputs)
-        losses = [mse_cosine_loss(r, f) for r, f in zip(recons, features)]
+        losses = [self.loss_fn(r, f) for r, f in zip(recons, features)]
         if return_hidden:
             return losses, features, recons, hidden
         return losses, features, recons
@@ -143,7 +161,7 @@ class RLRModel(nn.Module):
         """
         target = features[index]
         source = self.jitter([target])[0] if self.jitter is not None else target
-        return mse_cosine_loss(self.decoder.forward_level(index, source), target)
+        return self.loss_fn(self.decoder.forward_level(index, source), target)
 
     def anomaly_map(self, images: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         """RLR anomaly map: per-level ``mean_C((x - x_hat)^2) + 1 - cos_C``, resized and averaged.
@@ -221,6 +239,7 @@ def rlr_optimization_step(
     optimizers: torch.optim.Optimizer | list[torch.optim.Optimizer] | tuple[torch.optim.Optimizer, ...],
     schedule: str = "per_level",
     backward: Callable[[Tensor], None] | None = None,
+    should_step: Callable[[Tensor], bool] | None = None,
 ) -> list[Tensor]:
     """One RLR training iteration (forward, backward, step) under a chosen optimiser schedule.
 
@@ -244,6 +263,9 @@ def rlr_optimization_step(
         schedule: One of :data:`SCHEDULES`.
         backward: Called as ``backward(loss)``; default ``loss.backward()``. In Lightning manual
             optimisation pass ``self.manual_backward``.
+        should_step: Called with each loss just before its backward pass (a level's loss, or the sum
+            for ``"summed"``); returning ``False`` skips that backward and step (e.g. a non-finite
+            loss under ``on_nonfinite=skip``). Default: always step.
 
     Returns:
         The detached per-level losses.
@@ -259,9 +281,11 @@ def rlr_optimization_step(
         if len(opts) != 1:
             raise ValueError("schedule='summed' needs exactly one optimizer.")
         losses = model.forward_train(images)[0]
-        opts[0].zero_grad(set_to_none=True)
-        do_backward(torch.stack(losses).sum())
-        opts[0].step()
+        total = torch.stack(losses).sum()
+        if should_step is None or should_step(total):
+            opts[0].zero_grad(set_to_none=True)
+            do_backward(total)
+            opts[0].step()
         return [loss.detach() for loss in losses]
     if len(opts) == 1:
         opts = opts * num_levels
@@ -274,8 +298,10 @@ def rlr_optimization_step(
     # the legacy schedule, where that step also moves the later levels' parameters.
     for index, opt in enumerate(opts):
         loss = model.level_loss(features, index)
+        losses.append(loss.detach())
+        if should_step is not None and not should_step(loss):
+            continue
         opt.zero_grad(set_to_none=not legacy)
         do_backward(loss)
         opt.step()
-        losses.append(loss.detach())
     return losses

@@ -47,8 +47,11 @@ class Bottleneck(nn.Module):
 
 
 class DeBottleneck(nn.Module):
-    """RD4AD's decoder bottleneck: the stride-2 3×3 conv becomes a 2×2 transposed conv (upsampling),
-    and so does the shortcut (as in RD4AD ``de_resnet.py``)."""
+    """RD4AD's decoder bottleneck.
+
+    The stride-2 3×3 conv becomes a 2×2 transposed conv (upsampling), and so does the shortcut (as in
+    RD4AD ``de_resnet.py``).
+    """
 
     expansion = 4
 
@@ -75,8 +78,10 @@ class DeBottleneck(nn.Module):
 
 
 def _init_weights(module: nn.Module) -> None:
-    """Kaiming-normal for regular convs, BN (1, 0); transposed convs keep PyTorch's default init
-    (RD4AD initialises only ``nn.Conv2d``; errata E-RD2)."""
+    """Kaiming-normal for regular convs, BN (1, 0).
+
+    Transposed convs keep PyTorch's default init (RD4AD initialises only ``nn.Conv2d``; errata E-RD2).
+    """
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -87,7 +92,9 @@ def _init_weights(module: nn.Module) -> None:
 
 def _check_channels(channels: Sequence[int]) -> tuple[int, int, int]:
     if len(channels) != 3:
-        raise ValueError(f"Reverse distillation needs 3 teacher levels, the backbone gives {len(channels)}: {channels}.")
+        raise ValueError(
+            f"Reverse distillation needs 3 teacher levels, the backbone gives {len(channels)}: {channels}."
+        )
     bad = [c for c in channels if c % 4]
     if bad:
         raise ValueError(f"Teacher widths must be divisible by 4 for the de-ResNet decoder; got {list(channels)}.")
@@ -129,8 +136,10 @@ class OCBE(nn.Module):
 
 
 class DeResNetDecoder(nn.Module):
-    """The student decoder (RD4AD ``de_wide_resnet50_2``): three up-sampling stages that mirror the
-    teacher, returning maps with the teacher's widths and resolutions, ordered shallow to deep.
+    """The student decoder (RD4AD ``de_wide_resnet50_2``).
+
+    Three up-sampling stages that mirror the teacher, returning maps with the teacher's widths and
+    resolutions, ordered shallow to deep.
 
     Args:
         in_channels: Width of the embedding (``OCBE.out_channels``).

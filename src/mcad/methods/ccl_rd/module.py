@@ -1,0 +1,136 @@
+"""Lightning glue of CCL on Reverse Distillation: two views, feature noise, three losses, two learning rates."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+from mcad.losses.ccl import CCLPlugin
+from mcad.losses.cosine import GlobalCosineLoss
+from mcad.methods.base import AnomalyMaps, AnomalyModule
+from mcad.methods.ccl_rd.model import CCLReverseDistillation
+
+
+class CCLRDModule(AnomalyModule):
+    """Multi-class RD with class-aware contrastive learning (CCL, spec §3; official LGC-AD/AD-LGC).
+
+    Per training step: teacher maps of the clean and augmented views, projection of both, feature noise on
+    the clean projection, OCBE of both (E-CCL1), student of the clean view; loss = global-cosine
+    reconstruction + dense class-aware CL + global class-aware CL (weights and temperatures in the ``loss``
+    group, which must be the CCL plug-in: ``conf/loss/ccl.yaml``). Both the loss functions and the label
+    logic (``gt`` / ``kmeans``) are the plug-in's, so ``method=ccl_rd`` and ``method=rd loss=ccl`` share them.
+
+    Optimisation: the official trainer uses two Adam optimisers (projection lr ``proj_lr``, OCBE + decoder
+    lr ``optimizer.lr``, same betas), zeroes both, back-propagates once, clips the grad-norm of ALL
+    parameters jointly (``timm.utils.dispatch_clip_grad(net.parameters(), 5)``, mode ``norm``) and steps
+    both. Adam's state is per parameter, so one Adam with two parameter groups is the same update; it
+    lets Lightning's automatic ``gradient_clip_val`` clip jointly exactly like the official code.
+
+    Args:
+        backbone: Frozen teacher (``backbone`` group; A-RD1: the weight tag is ``backbone.model_name``).
+        decoder: Partial building the student decoder (``decoder`` group).
+        ocbe: Partial building the bottleneck (A-RD2: ``base_width`` 64 = ADer/CCL, 128 = RD4AD).
+        loss: The CCL plug-in (``loss=ccl``); ``None`` builds one with the default settings.
+        optimizer: Partial Adam for OCBE + decoder (official 5e-3, betas (0.5, 0.999)); it is called with
+            two parameter groups, the projection group carrying ``proj_lr``.
+        proj_lr: Learning rate of the projection layers (official 1e-3 = lr / 5).
+        scheduler: Partial schedule ``(optimizer, total_steps)`` stepped every iteration, or ``None`` for
+            the official constant LR (its configured step schedule never reaches these optimisers).
+        separable_projection: Depthwise-separable projection (HEAD ``dp=True``); default dense.
+        noise_prob: Feature-noise probability per step; ``None`` = official ``N(0,1) > 0.5`` rule (≈ 0.31).
+        noise_mask_prob: Fraction of perturbed locations (0.5).
+        noise_std: Noise standard deviation (1).
+        protocol: Evaluation protocol.
+        on_nonfinite: ``raise`` or ``skip`` batches with a NaN/Inf loss.
+        synthesizer: Unused (CCL synthesises no anomalies).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        decoder: Callable[..., nn.Module],
+        ocbe: Callable[..., nn.Module],
+        loss: nn.Module | None,
+        optimizer: Callable[..., Any],
+        proj_lr: float = 0.001,
+        scheduler: Callable[..., Any] | None = None,
+        separable_projection: bool = False,
+        noise_prob: float | None = None,
+        noise_mask_prob: float = 0.5,
+        noise_std: float = 1.0,
+        protocol: Any = None,
+        on_nonfinite: str = "raise",
+        synthesizer: Any = None,
+    ) -> None:
+        if loss is None:
+            loss = CCLPlugin()
+        if not isinstance(loss, CCLPlugin):
+            raise TypeError(
+                f"method=ccl_rd needs the CCL loss group (loss=ccl), got {type(loss).__name__}. For plain RD use "
+                "method=rd."
+            )
+        # The plug-in is used directly (not through the base class's generic plug-in path), so the base
+        # only gets the reconstruction loss.
+        super().__init__(protocol=protocol, on_nonfinite=on_nonfinite, loss=None, default_loss=GlobalCosineLoss)
+        self.ccl = loss
+        self.model = CCLReverseDistillation(
+            backbone, ocbe, decoder, separable_projection=separable_projection, noise_prob=noise_prob,
+            noise_mask_prob=noise_mask_prob, noise_std=noise_std,
+        )  # fmt: skip
+        self.optimizer_factory = optimizer
+        self.proj_lr = float(proj_lr)
+        self.scheduler_factory = scheduler
+
+    # ---------------------------------------------------------------------------- data and labels
+    def configure_datamodule(self, datamodule: Any) -> None:
+        """The augmented view and mixed-class batches (through the CCL plug-in)."""
+        self.ccl.configure_datamodule(datamodule)
+
+    def on_fit_start(self) -> None:
+        """Checks the classes and computes k-means pseudo labels if asked (once, cached)."""
+        self.ccl.setup(self)
+
+    def extra_results(self) -> dict[str, Any]:
+        """The label source (and, for k-means, the adjusted Rand index) for ``results.json``."""
+        return self.ccl.extra_results()
+
+    # ---------------------------------------------------------------------------- training
+    def training_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        if "image_aug" not in batch:
+            raise RuntimeError("method=ccl_rd needs batch['image_aug'] (set up by configure_datamodule).")
+        out = self.model.train_forward(batch["image"], batch["image_aug"], noise=self.training)
+        rec = self.loss_fn(out.teacher, out.student)
+        terms = self.ccl.terms(
+            out.teacher, out.teacher_aug, out.proj, out.proj_aug, out.embedding, out.embedding_aug,
+            self.ccl.batch_labels(batch),
+        )  # fmt: skip
+        return {"loss": rec + terms["total"], "cos": rec, "dense": terms["dense"], "global": terms["global_"]}
+
+    def configure_optimizers(self) -> Any:
+        proj = [p for p in self.model.proj.parameters() if p.requires_grad]
+        ids = {id(p) for p in proj}
+        rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]
+        optimizer = self.optimizer_factory([{"params": rest}, {"params": proj, "lr": self.proj_lr}])
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------------------- feature hooks
+    def dense_features(self, images: Tensor) -> list[Tensor]:
+        """The projected teacher maps (what CCL's dense term contrasts)."""
+        return self.model.proj(self.model.teacher(images))
+
+    def correspondence_features(self, images: Tensor) -> list[Tensor]:
+        """The raw frozen teacher maps (CCL matches the two views on them)."""
+        return self.model.teacher(images)
+
+    def global_embedding(self, images: Tensor) -> Tensor:
+        """Global average pool of the OCBE embedding of the projected maps."""
+        return self.model.bottleneck(self.model.teacher(images)).mean(dim=(2, 3))
+
+    # ---------------------------------------------------------------------------- inference
+    def anomaly_maps(self, images: Tensor) -> AnomalyMaps:
+        return AnomalyMaps(self.model.anomaly_map(images))

@@ -1,0 +1,185 @@
+"""Lightning glue of RLR: decoder construction, optimisation schedule (A-RLR3), training step, maps.
+
+Everything method-specific that needs no Lightning lives in :mod:`mcad.methods.rlr.model`; the base
+class does all evaluation (upsampling, smoothing, image scores, metrics).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+from mcad.methods.base import AnomalyMaps, AnomalyModule
+from mcad.methods.rlr.model import SCHEDULES, MSECosineLoss, RLRModel, rlr_optimization_step
+from mcad.models.blocks.rlr import RLRDecoder, out_index_from_stride
+
+#: ``map_resolution`` choices: ``input`` resizes every level straight to the input size (RLR
+#: ``trainer.py::test_separate``); ``finest`` stops at the finest level's grid and leaves the
+#: upsampling to the evaluator (cheaper; differs by bilinear-of-bilinear interpolation only).
+MAP_RESOLUTIONS = ("input", "finest")
+
+
+def build_decoder(
+    decoder: Callable[..., RLRDecoder], channels: list[int], strides: list[int], input_size: int
+) -> RLRDecoder:
+    """Calls the ``decoder`` config partial with the backbone's levels at the input size.
+
+    Grids are ``input_size // stride``. Unless the config fixes ``hidden_dims`` or ``out_indices``,
+    the width rule reads the timm stage index from the stride (``log2(stride) - 1``), as
+    :meth:`RLRDecoder.for_backbone` does: stride 8 -> d = 256, stride 16 -> d = 512 for any CNN.
+
+    Args:
+        decoder: Partial of :class:`RLRDecoder` (``decoder=rlr``) or any callable with its signature.
+        channels: ``backbone.channels``.
+        strides: ``backbone.strides``.
+        input_size: Side of the images the network receives.
+
+    Returns:
+        The decoder.
+    """
+    preset = getattr(decoder, "keywords", {}) if isinstance(decoder, functools.partial) else {}
+    kwargs: dict[str, Any] = {}
+    if preset.get("hidden_dims") is None and preset.get("out_indices") is None:
+        kwargs["out_indices"] = [out_index_from_stride(s) for s in strides]
+    grids = [(input_size // s, input_size // s) for s in strides]
+    return decoder(in_channels=list(channels), grid_sizes=grids, **kwargs)
+
+
+class RLRModule(AnomalyModule):
+    """Multi-class RLR: a frozen backbone and one learnable-reference transformer per feature level.
+
+    Args:
+        backbone: Frozen feature extractor (``backbone`` group) with ``channels`` and ``strides``. The
+            3x3 average pooling of RLR is its ``feature_pool=3`` (set by ``method=rlr``; ``null`` is
+            the official ``--no_avg``): this module never pools again.
+        decoder: Partial of :class:`~mcad.models.blocks.rlr.RLRDecoder` (``decoder`` group), completed
+            here with the backbone's channels and the grids at the input size.
+        optimizer: Partial optimiser (Adam lr 1e-4, default betas, no weight decay).
+        loss: Per-level criterion ``loss(pred, target)`` (``loss=mse_cosine``), or a loss plug-in
+            (``loss=ccl``) added to the default :class:`~mcad.methods.rlr.model.MSECosineLoss`.
+        synthesizer: Feature-level synthesizer applied to the decoder input in training
+            (``synthesizer=feature_jitter``: scale 4 on all tokens), or ``None`` for clean inputs.
+        image_size: ``data.image_size``; with ``crop_size`` it fixes the grids (and the size of the
+            learnable reference) of the decoder.
+        crop_size: ``data.crop_size`` (the network input side when set).
+        optimization: A-RLR3. ``summed`` (default): automatic optimisation, one optimiser over all
+            levels stepped on the sum of the level losses — the levels share no parameters and Adam is
+            element-wise, so this equals one Adam per level and the official loop under torch >= 2.
+            ``per_level``: manual optimisation, one optimiser per level, level after level.
+            ``shared_adam_legacy``: manual, one optimiser over all levels with zeroed (not cleared)
+            gradients, the official loop under its pinned torch 1.12 (E-RLR1).
+        scheduler: Partial LR schedule called with ``(optimizer, total_steps)`` and stepped once per
+            batch, or ``None`` (RLR: constant LR).
+        map_resolution: ``input`` (RLR: each level's map resized straight to the input size) or
+            ``finest`` (the finest level's grid; the evaluator upsamples).
+        protocol: Evaluation protocol.
+        on_nonfinite: ``raise`` or ``skip`` batches (levels, under manual optimisation) with a NaN/Inf loss.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        decoder: Callable[..., RLRDecoder],
+        optimizer: Callable[..., Any],
+        loss: nn.Module | None = None,
+        synthesizer: Any = None,
+        image_size: int = 256,
+        crop_size: int | None = None,
+        optimization: str = "summed",
+        scheduler: Callable[..., Any] | None = None,
+        map_resolution: str = "input",
+        protocol: Any = None,
+        on_nonfinite: str = "raise",
+    ) -> None:
+        super().__init__(protocol=protocol, on_nonfinite=on_nonfinite, loss=loss, default_loss=MSECosineLoss)
+        if optimization not in SCHEDULES:
+            raise ValueError(f"method.optimization must be one of {SCHEDULES}, got '{optimization}'.")
+        if map_resolution not in MAP_RESOLUTIONS:
+            raise ValueError(f"method.map_resolution must be one of {MAP_RESOLUTIONS}, got '{map_resolution}'.")
+        if synthesizer is not None and getattr(synthesizer, "level", "image") != "feature":
+            raise ValueError(
+                "RLR trains on normal images with a feature-level synthesizer (synthesizer=feature_jitter or "
+                f"none); got the image-level {type(synthesizer).__name__}."
+            )
+        if optimization != "summed" and self.loss_plugin is not None:
+            # A plug-in's terms couple the levels through the global embedding: no per-level split.
+            raise ValueError(f"A loss plug-in needs method.optimization=summed, not '{optimization}'.")
+        self.input_size = int(crop_size or image_size)
+        built = build_decoder(decoder, list(backbone.channels), list(backbone.strides), self.input_size)
+        self.model = RLRModel(backbone, built, jitter=synthesizer, avg_pool=False, loss_fn=self.loss_fn)
+        self.optimization = optimization
+        self.map_resolution = map_resolution
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        # Manual optimisation only where the official per-level stepping must be reproduced literally.
+        self.automatic_optimization = optimization == "summed"
+
+    # ---------------------------------------------------------------------------------- training
+    @staticmethod
+    def _named(losses: list[Tensor]) -> dict[str, Tensor]:
+        return {f"level{i}": value for i, value in enumerate(losses)}
+
+    def training_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Per-level losses and their sum (``optimization=summed``)."""
+        losses = self.model.forward_train(batch["image"])[0]
+        return {"loss": sum(losses[1:], losses[0]), **self._named(losses)}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        """Automatic optimisation: the base class's step; manual: RLR's level-by-level steps."""
+        if self.automatic_optimization:
+            return super().training_step(batch, batch_idx)
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+
+        def should_step(loss: Tensor) -> bool:
+            return self.check_losses({"loss": loss}, batch)
+
+        losses = rlr_optimization_step(
+            self.model,
+            batch["image"],
+            optimizers,
+            schedule=self.optimization,
+            backward=self.manual_backward,
+            should_step=should_step,
+        )
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
+            scheduler.step()
+        self.log_losses({"loss": sum(losses[1:], losses[0]), **self._named(losses)}, batch_size=len(batch["image"]))
+        return None
+
+    def configure_optimizers(self) -> Any:
+        """One optimiser over all levels, or one per level for ``optimization=per_level``."""
+        if self.optimization == "per_level":
+            optimizers = [self.optimizer_factory(params) for params in self.model.level_parameters()]
+        else:
+            optimizers = [self.optimizer_factory([p for p in self.model.decoder.parameters() if p.requires_grad])]
+        if self.scheduler_factory is None:
+            return optimizers[0] if len(optimizers) == 1 else optimizers
+        total = int(self.trainer.estimated_stepping_batches)
+        schedulers = [
+            {"scheduler": self.scheduler_factory(opt, total_steps=total), "interval": "step"} for opt in optimizers
+        ]
+        return optimizers, schedulers
+
+    # ---------------------------------------------------------------------------------- inference
+    def anomaly_maps(self, images: Tensor) -> AnomalyMaps:
+        """RLR's map: per level ``mean_C((x - x_hat)^2) + 1 - cos``, resized, averaged over levels."""
+        size = tuple(images.shape[-2:]) if self.map_resolution == "input" else None
+        return AnomalyMaps(self.model.anomaly_map(images, size=size))
+
+    # ---------------------------------------------------------------------------------- plug-in hooks
+    def dense_features(self, images: Tensor) -> list[Tensor]:
+        """Last hidden tokens of every level as ``(B, d_i, h_i, w_i)`` maps (clean input, with gradients)."""
+        return self.model.dense_features(images)
+
+    def global_embedding(self, images: Tensor) -> Tensor:
+        """Spatial means of :meth:`dense_features`, levels concatenated: ``(B, sum_i d_i)``."""
+        return self.model.global_embedding(images)
+
+    def correspondence_features(self, images: Tensor) -> list[Tensor]:
+        """The frozen (pooled) backbone features, on the same grids as :meth:`dense_features`."""
+        return self.model.extract_features(images)
