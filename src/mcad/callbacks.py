@@ -30,6 +30,7 @@ class EfficiencyMonitor(L.Callback):
         self._train_images = 0
         self._train_seconds = 0.0
         self._test_images = 0
+        self._epoch_start: float | None = None
 
     @staticmethod
     def _now(pl_module: L.LightningModule) -> float:
@@ -50,7 +51,10 @@ class EfficiencyMonitor(L.Callback):
         self._train_images += len(batch["image"])
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._train_seconds += self._now(pl_module) - self._epoch_start
+        # A run resumed from an end-of-epoch checkpoint finishes that epoch's end without starting it.
+        if self._epoch_start is not None:
+            self._train_seconds += self._now(pl_module) - self._epoch_start
+        self._epoch_start = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         world = max(1, trainer.world_size)

@@ -28,12 +28,19 @@ TINY = [
 ]
 
 
-@pytest.fixture
-def two_threads():
+@pytest.fixture(autouse=True)
+def _threads(request):
+    # Small tensors on a shared 2-core machine: intra-op threading mostly adds contention; the training
+    # runs (marked by requesting `two_threads`) use both cores.
     n = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(2 if "two_threads" in request.fixturenames else 1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def two_threads():
+    """Marker fixture: this test trains and may use two intra-op threads."""
 
 
 def _state(path) -> dict[str, torch.Tensor]:

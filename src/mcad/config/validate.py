@@ -41,7 +41,8 @@ def _type_ok(value: Any, annotation: Any) -> bool:
         return True
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+        # NoneType is not an "unknown" annotation: without this, Optional[int] accepted any value.
+        return any(_type_ok(value, a) for a in typing.get_args(annotation) if a is not type(None))
     target = origin or annotation
     if target is float:
         return isinstance(value, int | float) and not isinstance(value, bool)

@@ -1,5 +1,4 @@
-"""One LightningDataModule for multi-class training over MVTec AD, VisA, MVTec-layout folders and the
-procedural synthetic dataset."""
+"""One LightningDataModule for multi-class training over MVTec AD, VisA, MVTec-layout folders and synthetic data."""
 
 from __future__ import annotations
 
@@ -13,6 +12,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Sampler, get_worker_info
 
 from mcad.data.augment import reseed_from_torch
@@ -90,6 +90,78 @@ class MixedClassBatchSampler(Sampler[list[int]]):
                 others = np.flatnonzero(self.class_ids != self.class_ids[batch[0]])
                 batch[-1] = int(others[rng.randrange(len(others))])
             yield batch
+
+
+class ShuffledIndices(Sampler[int]):
+    """A random order of ``range(num_samples)`` that is a pure function of ``(seed, epoch)``.
+
+    ``RandomSampler`` draws its order from the global torch RNG when an epoch starts; a resumed run
+    re-seeds that RNG and creating loaders consumes it in a different order, so the resumed epochs would
+    see other batches than an uninterrupted run. Here the order depends on nothing else.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0) -> None:
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the order of ``epoch``."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples).tolist())
+
+
+class EpochSeededSampler(Sampler):
+    """Wraps the training sampler (or batch sampler): the order of an epoch and a seed for every drawn sample.
+
+    A pass yields ``(index, sample_seed)`` instead of ``index`` (lists of them for a batch sampler), in the
+    inner sampler's order for :attr:`epoch`. :class:`~mcad.data.dataset.AnomalyDataset` draws all of a
+    sample's randomness (image-level synthesizer, augmented view) from ``sample_seed``. So batches and their
+    random content depend only on ``(seed, epoch)``: not on the number of loader workers, persistent workers,
+    the global RNG, or how often the loop re-creates its iterator (Lightning does so once more when a run
+    resumes), and a resumed run continues with the epochs of an uninterrupted one.
+
+    The training loop selects the epoch with :meth:`set_epoch` before every epoch (Lightning does, also
+    through its ``DistributedSamplerWrapper``, which shards this sampler's passes under DDP); the first pass
+    of a fit may start earlier (loader prefetch), so the constructor takes the epoch to start at, which the
+    data module saves in checkpoints.
+
+    Args:
+        inner: A sampler of indices or a batch sampler of index lists (optionally with ``set_epoch``).
+        seed: Seed of the per-sample seeds.
+        epoch: Epoch of the first pass (restored from a checkpoint when resuming).
+    """
+
+    def __init__(self, inner: Sampler, seed: int, epoch: int = 0) -> None:
+        self.inner, self.seed, self.epoch = inner, seed, epoch
+
+    @property
+    def sampler(self) -> EpochSeededSampler:
+        """Itself: Lightning calls ``set_epoch`` on ``loader.batch_sampler.sampler`` for a batch sampler."""
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch of the next pass."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = self.epoch
+        set_epoch = getattr(self.inner, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+        # A stream apart from the order's, so that the order of an epoch does not depend on the seeds.
+        seeds = np.random.default_rng([self.seed, epoch, 1])
+        for item in self.inner:
+            if isinstance(item, list):
+                yield [(int(i), int(s)) for i, s in zip(item, seeds.integers(0, 2**63, len(item)))]
+            else:
+                yield int(item), int(seeds.integers(0, 2**63))
 
 
 class MultiClassDataModule(L.LightningDataModule):
@@ -177,6 +249,9 @@ class MultiClassDataModule(L.LightningDataModule):
         self.train_dataset: AnomalyDataset | None = None
         self.test_dataset: AnomalyDataset | None = None
         self.class_names: list[str] = []
+        # The training sampler of the current fit, and the epoch a resumed fit continues from.
+        self._train_sampler: EpochSeededSampler | None = None
+        self._resume_epoch: int | None = None
 
     # ----------------------------------------------------------------------------------- records
     @property
@@ -251,13 +326,14 @@ class MultiClassDataModule(L.LightningDataModule):
             self.train_dataset = AnomalyDataset(
                 train, self.class_names, self.image_size, transform, normalizer, cache, self.synthesizer, view
             )
-            self.train_dataset.validate()
+            self.train_dataset.validate(decode=cache is None)
             self.train_dataset.prefill_cache()
         if stage in (None, "fit", "test", "predict") and self.test_dataset is None:
+            test_transform = build_transform(self.crop_size)
             self.test_dataset = AnomalyDataset(
-                self.records("test"), self.class_names, self.image_size, build_transform(self.crop_size), normalizer, cache
+                self.records("test"), self.class_names, self.image_size, test_transform, normalizer, cache
             )
-            self.test_dataset.validate()
+            self.test_dataset.validate(decode=cache is None)
             self.test_dataset.prefill_cache()
 
     # ----------------------------------------------------------------------------------- loaders
@@ -271,19 +347,55 @@ class MultiClassDataModule(L.LightningDataModule):
             "worker_init_fn": functools.partial(seed_worker, rank=rank) if self.num_workers > 0 else None,
         }
 
+    def _sampler_seed(self) -> int:
+        # The run's seed (``seed_everything`` exports it, also to spawned processes) combined with data.seed.
+        return int(os.environ.get("PL_GLOBAL_SEED", 0)) * 1_000_003 + int(self.seed)
+
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches over all classes."""
+        """Shuffled training batches over all classes, reproducible per ``(seed, epoch)`` (also on resume)."""
         assert self.train_dataset is not None, "call setup('fit') first"
+        seed = self._sampler_seed()
+        epoch, self._resume_epoch = self._resume_epoch or 0, None
+        # The loader's own generator: creating its iterators must not consume the global torch RNG, which
+        # a training step may use (dropout, feature noise) and which a resumed run restores.
+        generator = torch.Generator().manual_seed(seed)
         if self.sampler == "mixed_class":
             ids = self.sampler_labels
             if ids is None:
                 ids = [self.train_dataset.class_index[r.class_name] for r in self.train_dataset.records]
+                present = sorted({r.class_name for r in self.train_dataset.records})
+                if len(present) < 2:
+                    # Usually reached first (an LR schedule sizes itself from the loader before fit starts).
+                    raise DataError(
+                        f"data.sampler=mixed_class needs at least two classes in the training set, which holds "
+                        f"only {present}. CCL (loss=ccl) sets it: with loss.label_source=gt its negatives are "
+                        "images of another class, so train on several classes (data.classes), or use "
+                        "loss.label_source=kmeans loss.kmeans_clusters=2 (or more)."
+                    )
             batches = MixedClassBatchSampler(ids, self.batch_size, self.drop_last, self.seed)
-            return DataLoader(self.train_dataset, batch_sampler=batches, **self._loader_kwargs())
+            self._train_sampler = EpochSeededSampler(batches, seed, epoch)
+            return DataLoader(
+                self.train_dataset, batch_sampler=self._train_sampler, generator=generator, **self._loader_kwargs()
+            )
         drop_last = self.drop_last and len(self.train_dataset) >= self.batch_size
+        self._train_sampler = EpochSeededSampler(ShuffledIndices(len(self.train_dataset), seed), seed, epoch)
         return DataLoader(
-            self.train_dataset, batch_size=self.batch_size, shuffle=True, drop_last=drop_last, **self._loader_kwargs()
+            self.train_dataset,
+            batch_size=self.batch_size,
+            sampler=self._train_sampler,
+            drop_last=drop_last,
+            generator=generator,
+            **self._loader_kwargs(),
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints (written at the end of an epoch): the epoch a resumed run starts with."""
+        return {"train_epoch": self._train_sampler.epoch + 1} if self._train_sampler is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores the training sampler's epoch from a checkpoint (used by the next training loader)."""
+        if "train_epoch" in state_dict:
+            self._resume_epoch = int(state_dict["train_epoch"])
 
     def test_dataloader(self) -> DataLoader:
         """Test batches in a fixed order (every sample carries its ``index``)."""

@@ -132,14 +132,24 @@ class AnomalyDataset(Dataset):
             mask = np.zeros(image.shape[:2], np.uint8)
         return image, mask
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """One sample; ``key`` is its index, or ``(index, sample_seed)`` from the training sampler.
+
+        With a ``sample_seed`` (:class:`~mcad.data.datamodule.EpochSeededSampler`), the synthetic anomaly
+        and the augmented view are drawn from it, so they do not depend on the loader worker or on how
+        many samples that worker produced before (exact resume, any ``num_workers``). A plain index falls
+        back to the worker's torch RNG.
+        """
+        index, sample_seed = key if isinstance(key, tuple) else (key, None)
         rec = self.records[index]
         image, mask = self.load(index)
         targets: dict[str, np.ndarray] = {"image": image, "mask": mask}
+        # Independent streams for the synthesizer and the view.
+        seeds = np.random.SeedSequence(sample_seed).generate_state(2) if sample_seed is not None else None
         if self.synthesizer is not None:
-            # torch's RNG is seeded per worker and epoch by Lightning, so this is reproducible.
-            rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
-            synthetic, synthetic_mask = self.synthesizer(image, rng)
+            # Without a sample seed: torch's RNG, seeded per worker by Lightning.
+            seed = int(seeds[0]) if seeds is not None else int(torch.randint(0, 2**62, ()).item())
+            synthetic, synthetic_mask = self.synthesizer(image, np.random.default_rng(seed))
             targets["synthetic_image"] = synthetic
             targets["synthetic_mask"] = (np.asarray(synthetic_mask) * 255).astype(np.uint8)
         out = self.transform(**targets)
@@ -157,16 +167,29 @@ class AnomalyDataset(Dataset):
             item["synthetic_image"] = self.normalizer(out["synthetic_image"])
             item["synthetic_mask"] = out["synthetic_mask"].float().div_(255.0).unsqueeze(0)
         if self.view_transform is not None:
+            if seeds is not None:
+                self.view_transform.set_random_seed(int(seeds[1]))
             item["image_aug"] = self.view_transform(image=image)["image"]
         return item
 
-    def validate(self, num_threads: int = 4) -> None:
+    def validate(self, num_threads: int = 4, decode: bool = False) -> None:
         """Checks every file before training: readable headers and masks the size of their images.
+
+        Args:
+            num_threads: Checking threads.
+            decode: Also decode every image and mask completely, so that a truncated or corrupt file
+                stops the run now rather than in the middle of training. Needed when there is no decoded
+                cache (:meth:`prefill_cache` decodes everything otherwise).
 
         Raises:
             DataError: Naming the first offending file.
         """
+
         def check(rec: SampleRecord) -> None:
+            if decode:
+                load_image(rec.image_path)
+                if rec.mask_path is not None:
+                    load_mask(rec.mask_path)
             size = image_size(rec.image_path)
             if rec.mask_path is not None:
                 mask_size = image_size(rec.mask_path)
@@ -191,8 +214,10 @@ class AnomalyDataset(Dataset):
 
 
 class Normalizer:
-    """uint8 ``C×H×W`` tensor -> normalised float tensor (in torch: several times faster than
-    albumentations' ``Normalize`` on the loader's hot path)."""
+    """uint8 ``C×H×W`` tensor -> normalised float tensor.
+
+    In torch: several times faster than albumentations' ``Normalize`` on the loader's hot path.
+    """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.scale = (255.0 * torch.tensor(std, dtype=torch.float32)).view(-1, 1, 1)

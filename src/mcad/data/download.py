@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import tarfile
 import urllib.request
 import zipfile
@@ -51,8 +52,8 @@ def _inside(target: Path, member_path: str) -> bool:
 def safe_extract(archive: str | Path, target: str | Path) -> None:
     """Extracts a tar or zip archive, refusing entries that would escape ``target``.
 
-    Absolute paths, ``..`` traversal, links pointing outside the target, and device files are
-    refused before anything is written.
+    Absolute paths, ``..`` traversal, tar links pointing outside the target, tar device files and any
+    zip symlink entry are refused before anything is written.
 
     Raises:
         DataError: The archive contains an unsafe entry or is not a tar/zip file.
@@ -78,9 +79,14 @@ def safe_extract(archive: str | Path, target: str | Path) -> None:
                 tar.extractall(target, members=members)
     elif zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
-            for name in zf.namelist():
+            for info in zf.infolist():
+                name = info.filename
                 if os.path.isabs(name) or name.startswith(("/", "\\")) or not _inside(target, name):
                     raise DataError(f"Unsafe path in archive {archive}: {name!r}")
+                # zipfile writes a symlink entry as a file holding the link text; a dataset has no reason
+                # to contain links, so refuse them rather than produce files that look like data.
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    raise DataError(f"Unsafe link in archive {archive}: {name!r} (zip archives may not hold links)")
             zf.extractall(target)
     else:
         raise DataError(f"{archive} is neither a tar nor a zip archive.")

@@ -42,6 +42,14 @@ def discover_classes(root: str | Path) -> list[str]:
     if not root.is_dir():
         raise DataError(f"Dataset root not found: {root}. Set data.root to the folder that holds the class folders.")
     classes = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+    # A folder that looks like a class (it has a split or ground truth) but lacks train/good is a broken
+    # class, not an unrelated folder: training silently without it would bias the benchmark.
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in classes):
+        if any((folder / part).exists() for part in ("train", "test", "ground_truth")):
+            raise DataError(
+                f"Class folder {folder} has no train/good folder (MVTec layout expected). Add it, remove the "
+                "folder, or choose the classes with data.classes=[...]."
+            )
     if not classes:
         raise DataError(f"No class folders with train/good found under {root}.")
     return classes

@@ -91,14 +91,22 @@ def _init_weights(module: nn.Module) -> None:
 
 
 def _check_channels(channels: Sequence[int]) -> tuple[int, int, int]:
+    """Checks the teacher widths at build time; the errors name what the backbone gives and what is needed."""
+    channels = [int(c) for c in channels]
     if len(channels) != 3:
         raise ValueError(
-            f"Reverse distillation needs 3 teacher levels, the backbone gives {len(channels)}: {channels}."
+            f"Backbone/decoder mismatch: the backbone gives {len(channels)} feature levels with widths {channels}, "
+            "but the OCBE and de-ResNet decoder of reverse distillation need 3 levels (c1, c2, c3), e.g. "
+            "[256, 512, 1024] for WideResNet-50-2. Select three stages with backbone.out_indices (e.g. [1, 2, 3])."
         )
     bad = [c for c in channels if c % 4]
     if bad:
-        raise ValueError(f"Teacher widths must be divisible by 4 for the de-ResNet decoder; got {list(channels)}.")
-    return int(channels[0]), int(channels[1]), int(channels[2])
+        raise ValueError(
+            f"Backbone/decoder mismatch: the backbone widths {channels} must be multiples of 4 for the de-ResNet "
+            f"decoder, whose bottlenecks output 4 x planes channels; {bad} cannot be reproduced. Choose other "
+            "backbone.out_indices or another backbone."
+        )
+    return channels[0], channels[1], channels[2]
 
 
 class OCBE(nn.Module):

@@ -1,0 +1,127 @@
+"""RLR through the framework: configs, parameter counts, Lightning training (both A-RLR3 modes),
+plug-in hooks, a synthetic training run and the real-data proxy.
+
+The pure parts (masks, attention, decoder shapes with stand-in backbones, jitter, loss, optimisation
+schedules) are tested in ``test_rlr_blocks.py``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from mcad.methods.rlr.module import RLRModule
+from mcad.train import build_components, train
+
+# Small decoder for the runs on CPU (the faithful sizes are checked by the parameter-count test).
+SMALL_DECODER = ["decoder.num_layers=1", "decoder.hidden_base=16", "decoder.num_heads=2", "decoder.ffn_ratio=2"]
+
+
+@pytest.fixture
+def two_threads():
+    """A busy shared machine: fixed thread count for the training runs, restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_method_config_selects_the_rlr_recipe(make_config):
+    cfg = make_config(["method=rlr"])
+    assert cfg.backbone.model_name == "tf_efficientnet_b6.aa_in1k"
+    assert list(cfg.backbone.out_indices) == [2, 3] and cfg.backbone.feature_pool == 3
+    assert cfg.decoder.num_layers == 4 and list(cfg.decoder.gates) == [2.0, 1.0]
+    assert cfg.synthesizer.scale == 4.0 and cfg.synthesizer.prob == 1.0
+    assert cfg.method.optimizer.lr == 1e-4 and cfg.data.batch_size == 4 and cfg.trainer.max_epochs == 200
+    assert cfg.protocol.name == "mcad"
+    # Lite0 gets the stages of the same strides (8, 16).
+    cfg = make_config(["method=rlr", "backbone=tf_efficientnet_lite0"])
+    assert list(cfg.backbone.out_indices) == [2, 3] and cfg.backbone.feature_pool == 3
+    cfg = make_config(["experiment=rlr_mvtec"])
+    assert cfg.seed == 3407 and cfg.data.batch_size == 4 and cfg.trainer.max_epochs == 200
+    assert cfg.trainer.accelerator == "gpu" and cfg.data.name == "mvtec"
+
+
+@pytest.mark.parametrize(
+    ("backbone", "channels", "trainable"),
+    [("tf_efficientnet_b6", [72, 200], 21_514_512), ("tf_efficientnet_lite0", [40, 112], 21_299_352)],
+)
+def test_paper_backbones_build_with_expected_shapes_and_counts(make_config, backbone, channels, trainable):
+    cfg = make_config(["method=rlr", f"backbone={backbone}", "backbone.pretrained=false", "backbone.weights_source=null"])
+    method, _ = build_components(cfg)
+    assert isinstance(method, RLRModule)
+    assert method.model.backbone.channels == channels and method.model.backbone.strides == [8, 16]
+    levels = method.model.decoder.levels
+    assert [lvl.grid_size for lvl in levels] == [(32, 32), (16, 16)]
+    assert [lvl.hidden_dim for lvl in levels] == [256, 512] and [lvl.window_size for lvl in levels] == [7, 5]
+    assert method.parameter_counts()["params_trainable"] == trainable
+    method.eval()
+    with torch.no_grad():
+        feats = method.model.extract_features(torch.randn(1, 3, 256, 256))
+        out = method.anomaly_maps(torch.randn(1, 3, 256, 256))
+    assert [tuple(f.shape) for f in feats] == [(1, channels[0], 32, 32), (1, channels[1], 16, 16)]
+    assert out.anomaly_map.shape == (1, 1, 256, 256) and out.segmentation is None
+
+
+def test_backbone_pools_once_and_decoder_follows_the_input_size(make_config):
+    cfg = make_config(
+        ["method=rlr", "backbone=tf_efficientnet_lite0", "backbone.weights_source=null", "backbone.pretrained=false",
+         "data.image_size=128", "decoder.window_sizes=[5,3]", *SMALL_DECODER]
+    )  # fmt: skip
+    method, _ = build_components(cfg)
+    assert isinstance(method.model.pool, torch.nn.Identity)  # the backbone's feature_pool=3 smooths
+    assert isinstance(method.model.backbone.pool, torch.nn.AvgPool2d)
+    assert [lvl.grid_size for lvl in method.model.decoder.levels] == [(16, 16), (8, 8)]
+    assert [lvl.num_tokens for lvl in method.model.decoder.levels] == [256, 64]
+    assert method.model.decoder.hidden_dims == [32, 64]  # the width rule from the strides, base 16
+    images = torch.randn(2, 3, 128, 128)
+    # Plug-in hooks (loss=ccl): hidden maps with gradients, their pooled embedding, frozen targets.
+    dense = method.dense_features(images)
+    assert [tuple(d.shape) for d in dense] == [(2, 32, 16, 16), (2, 64, 8, 8)] and dense[0].requires_grad
+    assert method.global_embedding(images).shape == (2, 96)
+    corr = method.correspondence_features(images)
+    assert [c.shape[-2:] for c in corr] == [d.shape[-2:] for d in dense] and not corr[0].requires_grad
+    method.eval()
+    assert method.anomaly_maps(images).anomaly_map.shape == (2, 1, 128, 128)
+    method.map_resolution = "finest"
+    assert method.anomaly_maps(images).anomaly_map.shape == (2, 1, 16, 16)
+    with pytest.raises(ValueError, match="image-level"):
+        RLRModule(method.model.backbone, instantiate(cfg.decoder), instantiate(cfg.method.optimizer),
+                  synthesizer=type("Image", (), {"level": "image"})())  # fmt: skip
+
+
+@pytest.mark.parametrize("optimization", ["per_level", "shared_adam_legacy"])
+def test_manual_optimisation_modes_train(make_config, fast_data, two_threads, optimization):
+    cfg = make_config(
+        ["method=rlr", "backbone=tf_efficientnet_lite0", *fast_data, "decoder.window_sizes=[5,3]", *SMALL_DECODER,
+         f"method.optimization={optimization}", "trainer.max_epochs=1", "data.synthetic.num_train=4",
+         "data.synthetic.num_test_good=1", "data.synthetic.num_test_defect=1", "data.batch_size=4",
+         "callbacks=none", "logger=none", "count_flops=false"]
+    )  # fmt: skip
+    method, datamodule = build_components(cfg)
+    before = [p.detach().clone() for p in method.model.decoder.parameters()]
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    trainer.fit(method, datamodule=datamodule)
+    assert not method.automatic_optimization
+    optimizers = trainer.optimizers
+    assert len(optimizers) == (2 if optimization == "per_level" else 1)
+    assert all(not torch.equal(a, b) for a, b in zip(before, method.model.decoder.parameters()))
+    assert {"train/loss_epoch", "train/level0_epoch", "train/level1_epoch"} <= set(trainer.logged_metrics)
+
+
+def test_rlr_trains_and_separates_defects_on_synthetic_data(make_config, fast_data, tmp_path, two_threads):
+    cfg = make_config(
+        ["method=rlr", "backbone=tf_efficientnet_lite0", *fast_data, "decoder.window_sizes=[5,3]", *SMALL_DECODER,
+         "method.optimizer.lr=0.001", "trainer.max_epochs=6"]
+    )  # fmt: skip
+    results = train(cfg)
+    metrics = json.loads((tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].replace("", "") or "{}") \
+        if False else None  # noqa: F841 - (placeholder removed below)
+    assert results["mean"]["I-AUROC"] > 0.8, results["per_class"]
+    assert results["mean"]["P-AUROC"] > 0.85, results["per_class"]
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["method"] == "rlr" and saved["protocol"]["name"] == "mcad"
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
