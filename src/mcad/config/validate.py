@@ -80,7 +80,7 @@ def _check_target(node: DictConfig, path: str) -> None:
     params = {k: p for k, p in signature.parameters.items() if k != "self"}
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    for key in node.keys():
+    for key in node:
         if key in _HYDRA_KEYS:
             continue
         if key not in params:
@@ -102,7 +102,7 @@ def _check_target(node: DictConfig, path: str) -> None:
 def _walk(node: Any, path: str) -> None:
     if isinstance(node, DictConfig):
         _check_target(node, path)
-        for key in node.keys():
+        for key in node:
             _walk(node._get_node(key), f"{path}.{key}" if path else str(key))
     elif isinstance(node, ListConfig):
         for i, item in enumerate(node):
@@ -115,7 +115,7 @@ def validate_config(cfg: DictConfig) -> None:
     Raises:
         ConfigError: The first problem found, with the key's full path.
     """
-    for key in cfg.keys():
+    for key in cfg:
         if key not in TOP_LEVEL_KEYS and key != "hydra":
             raise ConfigError(f"Unknown top-level key '{key}'.{_suggest(str(key), sorted(TOP_LEVEL_KEYS))}")
     resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))

@@ -201,8 +201,10 @@ class AnomalyModule(L.LightningModule):
         self._eval = {"accumulator": acc.to(self.device)}
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
-        """Maps -> protocol -> accumulator; returns the evaluated maps, masks and scores for
-        callbacks (visualisation, W&B panels)."""
+        """Maps -> protocol -> accumulator.
+
+        Returns the evaluated maps, masks and scores for callbacks (visualisation, W&B panels).
+        """
         out = self.anomaly_maps(batch["image"])
         pixel_maps, scores = self.protocol.process(out.anomaly_map, out.segmentation)
         masks = self.protocol.binarize_masks(batch["mask"])
