@@ -10,7 +10,7 @@ For each method, in one process and on the same data and batch size:
 
 Usage::
 
-    python experiments/bench_train.py                                 # all methods, Lite0, real data, CPU
+    python experiments/bench_train.py                                 # all methods, proxy recipes, real data, CPU
     python experiments/bench_train.py --methods rd rlr --steps 20 --data-root ../shared/data/real
     python experiments/bench_train.py --paper --accelerator gpu --precision bf16-mixed   # paper backbones
 
@@ -41,14 +41,23 @@ PAPER_BACKBONES = {"rd": "wide_resnet50_2", "ccl_rd": "wide_resnet50_2", "rlr": 
 
 
 def make_cfg(method: str, args: argparse.Namespace, out: Path, cache: Path):
-    overrides = [f"method={method}", "data=folder", f"data.root={args.data_root}", f"data.batch_size={args.batch_size}",
-                 f"data.num_workers={args.workers}", f"trainer.accelerator={args.accelerator}",
-                 f"trainer.precision={args.precision}", "trainer.enable_progress_bar=false", "logger=none",
-                 "callbacks=none"]  # fmt: skip
+    common = [f"data.root={args.data_root}", f"data.num_workers={args.workers}",
+              f"trainer.accelerator={args.accelerator}", f"trainer.precision={args.precision}",
+              "trainer.enable_progress_bar=false", "logger=none", "callbacks=none"]  # fmt: skip
+    if args.batch_size is not None:
+        common.append(f"data.batch_size={args.batch_size}")
     if args.paper:
-        overrides += [f"backbone={PAPER_BACKBONES[method]}", "backbone.pretrained=false"]
+        # The paper recipe of the method on the paper backbone (random weights: throughput only).
+        overrides = [
+            f"method={method}",
+            "data=folder",
+            f"backbone={PAPER_BACKBONES[method]}",
+            "backbone.pretrained=false",
+        ]
     else:
-        overrides += ["backbone=tf_efficientnet_lite0"]
+        # The CPU proxy recipe (Lite0, its decoder size and batch size): what trains on this machine.
+        overrides = [f"experiment=proxy_{method}"]
+    overrides += common
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, f"hydra.run.dir={out}"], return_hydra_config=True)
@@ -131,7 +140,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["rd", "ccl_rd", "rlr", "crr"])
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "real"))
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
@@ -171,7 +180,9 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
-    print(f"\n{dev}, batch {args.batch_size}, precision {args.precision}, {args.steps} timed steps")
+    recipe = "paper recipes (random weights)" if args.paper else "proxy recipes (Lite0)"
+    print(f"\n{dev}, {recipe}, batch {args.batch_size or 'of the recipe'}, precision {args.precision}, "
+          f"{args.steps} timed steps")  # fmt: skip
     print(
         "| method | train img/s (Lightning) | train img/s (bare) | Lightning/bare | test img/s | loader cold img/s "
         "| loader cached img/s | cached loader / train | params total | params trainable | GFLOPs/img |"

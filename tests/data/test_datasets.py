@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mcad.data.datamodule import MixedClassBatchSampler, MultiClassDataModule
+from mcad.data.datamodule import ClassBalancedIndices, MixedClassOrder, MultiClassDataModule
 from mcad.data.datasets.mvtec import mvtec_layout_records
 from mcad.data.datasets.synthetic import generate_synthetic_dataset
 from mcad.data.datasets.visa import visa_records
@@ -141,11 +141,63 @@ def test_mask_of_another_size_is_refused_before_training(tmp_path):
         dm.setup()
 
 
-def test_mixed_class_sampler_always_mixes():
+@pytest.mark.parametrize("num_replicas", [1, 2, 3])
+def test_mixed_class_order_mixes_every_batch_of_every_rank(num_replicas):
     ids = [0] * 30 + [1] * 2
-    sampler = MixedClassBatchSampler(ids, batch_size=4, seed=0)
-    batches = list(sampler)
-    assert len(batches) == 8
-    assert all(len({ids[i] for i in b}) >= 2 for b in batches)
+    order = list(MixedClassOrder(ids, batch_size=4, seed=0, num_replicas=num_replicas))
+    assert len(order) == len(ids)
+    for rank in range(num_replicas):  # what DistributedSampler(shuffle=False) hands each rank
+        stream = order[rank::num_replicas]
+        batches = [stream[i : i + 4] for i in range(0, len(stream), 4)]
+        assert all(len({ids[i] for i in b}) >= 2 for b in batches if len(b) >= 2), (rank, batches)
     with pytest.raises(DataError, match="two classes"):
-        MixedClassBatchSampler([0, 0, 0], batch_size=2)
+        MixedClassOrder([0, 0, 0], batch_size=2)
+
+
+def test_class_balanced_sampler_draws_every_class_equally_and_covers_the_small_one():
+    ids = [0] * 20 + [1] * 3 + [2] * 7
+    sampler = ClassBalancedIndices(ids, seed=5)
+    epoch0 = list(sampler)
+    assert len(epoch0) == len(ids)
+    counts = np.bincount([ids[i] for i in epoch0], minlength=3)
+    assert counts.tolist() == [10, 10, 10]
+    # within a class the draws are whole shuffled passes: the 3 small-class images appear 3 or 4 times each
+    small = np.bincount([i for i in epoch0 if ids[i] == 1], minlength=23)[20:23]
+    assert small.min() >= 3 and small.max() <= 4
+    # the 20-image class gets 10 distinct images (no repeat before a pass is used up)
+    assert len({i for i in epoch0 if ids[i] == 0}) == 10
+    # a pure function of (seed, epoch)
+    assert list(ClassBalancedIndices(ids, seed=5)) == epoch0
+    sampler.set_epoch(1)
+    assert list(sampler) != epoch0
+
+
+def test_datamodule_class_balanced_sampler_is_used_for_training(tmp_path):
+    root = make_mvtec_tree(tmp_path / "d")
+    for i in range(3, 9):  # class a: 9 training images, class b: 3
+        _img(root / "a" / "train" / "good" / f"{i:03d}.png")
+    dm = MultiClassDataModule(
+        format="folder", root=str(root), image_size=32, batch_size=2, num_workers=0, sampler="class_balanced",
+        cache_dir=str(tmp_path / "c"), mean=[0.5] * 3, std=[0.5] * 3,
+    )  # fmt: skip
+    dm.setup("fit")
+    names = [name for batch in dm.train_dataloader() for name in batch["class_name"]]
+    assert len(names) == 12 and names.count("a") == names.count("b") == 6
+    with pytest.raises(DataError, match="class_balanced"):
+        MultiClassDataModule(format="folder", root=str(root), sampler="balanced")
+
+
+def test_mixed_batches_keep_the_class_balanced_order(tmp_path):
+    root = make_mvtec_tree(tmp_path / "d")
+    for i in range(3, 9):  # class a: 9 training images, class b: 3
+        _img(root / "a" / "train" / "good" / f"{i:03d}.png")
+    dm = MultiClassDataModule(
+        format="folder", root=str(root), image_size=32, batch_size=4, num_workers=0, sampler="class_balanced",
+        cache_dir=str(tmp_path / "c"), mean=[0.5] * 3, std=[0.5] * 3,
+    )  # fmt: skip
+    dm.mixed_batches = True  # what loss=ccl asks for
+    dm.setup("fit")
+    batches = [list(batch["class_name"]) for batch in dm.train_dataloader()]
+    assert len(batches) == 3 and all(len(set(b)) == 2 for b in batches)
+    names = [n for b in batches for n in b]
+    assert names.count("b") >= 5  # balanced: 6 of 12 draws (a swap into a single-class batch may move one)

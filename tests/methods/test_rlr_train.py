@@ -114,19 +114,32 @@ def test_manual_optimisation_modes_train(make_config, fast_data, two_threads, op
     assert {"train/loss_epoch", "train/level0_epoch", "train/level1_epoch"} <= set(trainer.logged_metrics)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Known gap (issue 5 open): at this CPU budget RLR does not separate the synthetic defects yet "
-    "(measured mean I-AUROC 0.27, P-AUROC < 0.5). Strict: the day it passes, this marker must go.",
-)
 def test_rlr_trains_and_separates_defects_on_synthetic_data(make_config, fast_data, tmp_path, two_threads):
     cfg = make_config(
         ["method=rlr", "backbone=tf_efficientnet_lite0", *fast_data, "decoder.window_sizes=[5,3]", *SMALL_DECODER,
-         "method.optimizer.lr=0.001", "trainer.max_epochs=6"]
+         "method.optimizer.lr=0.003", "trainer.max_epochs=40"]
     )  # fmt: skip
+    # 240 steps: at 36 steps (6 epochs, lr 1e-3) the decoder still outputs roughly the mean feature, and
+    # the score (distance to it) ranks the flat synthetic defects BELOW the textured normal regions
+    # (measured mean I-AUROC 0.27); trained longer the reference takes over (measured 0.92 / 0.98).
     results = train(cfg)
     assert results["mean"]["I-AUROC"] > 0.8, results["per_class"]
-    assert results["mean"]["P-AUROC"] > 0.85, results["per_class"]
+    assert results["mean"]["P-AUROC"] > 0.9, results["per_class"]
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["method"] == "rlr" and saved["protocol"]["name"] == "mcad"
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_rlr_real_data_proxy(make_config, real_data_root, two_threads):
+    """One RLR model on bottle + cookie with the CPU proxy recipe (experiment=proxy_rlr, ~6 min here).
+
+    Issue 5's bar is I-AUROC >= 0.98 and P-AUROC >= 0.95 per class; measured (seed 42, 2 threads): bottle
+    1.000 / 0.984, cookie 0.982 / 0.973. Cookie's 14 x 32 image pairs make one misordered pair worth 0.2
+    points, so the image floor for cookie sits a few pairs below the measured value.
+    """
+    cfg = make_config(["experiment=proxy_rlr", f"data.root={real_data_root}", "trainer.enable_progress_bar=false"])
+    results = train(cfg)
+    bottle, cookie = results["per_class"]["bottle"], results["per_class"]["cookie"]
+    assert bottle["I-AUROC"] >= 0.98 and bottle["P-AUROC"] >= 0.95, results["per_class"]
+    assert cookie["I-AUROC"] >= 0.96 and cookie["P-AUROC"] >= 0.95, results["per_class"]

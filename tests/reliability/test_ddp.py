@@ -36,3 +36,15 @@ def test_two_process_evaluation_equals_one_process(tmp_path, cache_dir):
     assert two == one  # exactly equal, every class and metric
     config = json.loads((runs["two"] / "results.json").read_text())["config"]
     assert config["trainer"]["devices"] == 2 and config["trainer"]["strategy"] == "ddp"
+
+
+@pytest.mark.slow
+def test_ccl_trains_under_ddp_with_mixed_class_batches(tmp_path, cache_dir):
+    # loss=ccl asks the data layer for mixed-class batches; the order is a flat sampler that Lightning shards
+    # per rank (MixedClassOrder checks each rank's batches; tests/data covers the mixing itself).
+    run = tmp_path / "ccl"
+    done = run_train([*ODD, "method=ccl_rd", "backbone=tf_efficientnet_lite0", "trainer=ddp_cpu", "trainer.devices=2"],
+                     run, cache_dir)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["method"] == "ccl_rd" and set(saved["per_class"]) == {"stripes", "disk", "checker"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from mcad.data.records import SampleRecord
 log = logging.getLogger(__name__)
 
 FORMATS = ("mvtec", "visa", "folder", "synthetic")
+SAMPLERS = ("random", "mixed_class", "class_balanced")
 
 
 def seed_worker(worker_id: int, rank: int = 0) -> None:
@@ -52,44 +52,6 @@ def seed_worker(worker_id: int, rank: int = 0) -> None:
     view = getattr(info.dataset, "view_transform", None) if info is not None else None
     if view is not None:
         reseed_from_torch(view)
-
-
-class MixedClassBatchSampler(Sampler[list[int]]):
-    """Shuffled batches that each contain at least two classes (for class-aware contrastive losses).
-
-    A batch drawn with a single class gets its last element swapped for a random sample of another
-    class. With 12-15 classes at batch 16 this almost never triggers; it guards small proxies.
-    """
-
-    def __init__(self, class_ids: Sequence[int], batch_size: int, drop_last: bool = True, seed: int = 0) -> None:
-        self.class_ids = np.asarray(class_ids)
-        if len(set(self.class_ids.tolist())) < 2:
-            raise DataError("A mixed-class batch sampler needs at least two classes in the training set.")
-        if batch_size < 2:
-            raise DataError("Mixed-class batches need batch_size >= 2.")
-        self.batch_size, self.drop_last, self.seed, self.epoch = batch_size, drop_last, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Changes the shuffle (called by the training loop when supported)."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        n = len(self.class_ids)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        rng = random.Random(self.seed + self.epoch)
-        self.epoch += 1
-        order = list(range(len(self.class_ids)))
-        rng.shuffle(order)
-        for start in range(0, len(self), 1):
-            batch = order[start * self.batch_size : (start + 1) * self.batch_size]
-            if len(batch) < 2:
-                continue
-            if len(set(self.class_ids[batch].tolist())) == 1:
-                others = np.flatnonzero(self.class_ids != self.class_ids[batch[0]])
-                batch[-1] = int(others[rng.randrange(len(others))])
-            yield batch
 
 
 class ShuffledIndices(Sampler[int]):
@@ -112,6 +74,102 @@ class ShuffledIndices(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples).tolist())
+
+
+class ClassBalancedIndices(Sampler[int]):
+    """An epoch of ``len(class_ids)`` indices in which every class is drawn equally often.
+
+    For unbalanced training sets (the real proxy: 209 bottle vs 31 cookie images) a plain shuffle shows
+    the small class a few dozen times per run. Here each class gets ``n // K`` draws per epoch (the
+    remainder goes to randomly chosen classes); within a class the images are drawn in shuffled passes,
+    so a small class repeats only once all of its images were seen. Like :class:`ShuffledIndices`, the
+    order is a pure function of ``(seed, epoch)``.
+
+    Args:
+        class_ids: Class index of every training sample.
+        seed: Seed of the order.
+    """
+
+    def __init__(self, class_ids: Sequence[int], seed: int = 0) -> None:
+        self.class_ids, self.seed, self.epoch = np.asarray(class_ids), seed, 0
+        self.members = [np.flatnonzero(self.class_ids == c) for c in np.unique(self.class_ids)]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the order of ``epoch``."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.class_ids)
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        k, n = len(self.members), len(self.class_ids)
+        counts = np.full(k, n // k)
+        counts[rng.choice(k, n % k, replace=False)] += 1
+        drawn = []
+        for members, count in zip(self.members, counts):
+            passes = -(-count // len(members))
+            drawn.append(np.concatenate([rng.permutation(members) for _ in range(passes)])[:count])
+        return iter(rng.permutation(np.concatenate(drawn)).tolist())
+
+
+class MixedClassOrder(Sampler[int]):
+    """An index order whose training batches each contain at least two classes (class-aware contrastive losses).
+
+    The order of ``order`` (a plain shuffle, or :class:`ClassBalancedIndices` for
+    ``data.sampler=class_balanced``) is kept, except that in every batch holding a single class the last
+    element is swapped for a random sample of another class. With 12-15 classes at batch 16 this almost
+    never triggers; it guards small proxies.
+
+    It is a flat sampler (not a batch sampler), so that under DDP Lightning shards it as it shards every
+    training sampler (``DistributedSamplerWrapper`` without shuffling: rank ``r`` reads positions
+    ``r, r + W, r + 2W, ...``). The batches checked are therefore the ones each of the ``num_replicas``
+    ranks will cut from its share: consecutive runs of ``batch_size`` positions of that strided stream.
+
+    Args:
+        class_ids: Class (or pseudo-class) index of every sample: what must be mixed.
+        batch_size: Per-process batch size (>= 2).
+        seed: Seed of the default order and of the swaps.
+        order: Index order with ``set_epoch`` (default: ``ShuffledIndices(len(class_ids), seed)``).
+        num_replicas: Number of processes the order will be sharded over (the DDP world size).
+    """
+
+    def __init__(
+        self,
+        class_ids: Sequence[int],
+        batch_size: int,
+        seed: int = 0,
+        order: Sampler[int] | None = None,
+        num_replicas: int = 1,
+    ) -> None:
+        self.class_ids = np.asarray(class_ids)
+        if len(set(self.class_ids.tolist())) < 2:
+            raise DataError("A mixed-class batch sampler needs at least two classes in the training set.")
+        if batch_size < 2:
+            raise DataError("Mixed-class batches need batch_size >= 2.")
+        self.batch_size, self.seed, self.epoch, self.num_replicas = batch_size, seed, 0, max(1, int(num_replicas))
+        self.order = order if order is not None else ShuffledIndices(len(self.class_ids), seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the order of ``epoch`` (called by the training loop when supported)."""
+        self.epoch = epoch
+        self.order.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch, 2])
+        flat = np.asarray(list(self.order), dtype=np.int64)
+        for rank in range(self.num_replicas):
+            stream = np.arange(rank, len(flat), self.num_replicas)  # the positions this rank will read
+            for start in range(0, len(stream), self.batch_size):
+                batch = stream[start : start + self.batch_size]
+                if len(batch) < 2 or len(np.unique(self.class_ids[flat[batch]])) > 1:
+                    continue
+                others = np.flatnonzero(self.class_ids != self.class_ids[flat[batch[0]]])
+                flat[batch[-1]] = others[rng.integers(len(others))]
+        return iter(flat.tolist())
 
 
 class EpochSeededSampler(Sampler):
@@ -188,11 +246,13 @@ class MultiClassDataModule(L.LightningDataModule):
         cache_dir: Cache folder (decoded images, synthetic data).
         mean: Normalisation mean; ``None`` = the backbone's (set by the training entry point).
         std: Normalisation std; ``None`` = the backbone's.
-        sampler: ``random`` or ``mixed_class`` (every batch holds at least two classes).
+        sampler: Training order: ``random``, ``class_balanced`` (every class drawn equally often per epoch,
+            see :class:`ClassBalancedIndices`) or ``mixed_class`` (random, and every batch holds at least
+            two classes; a loss that needs such batches sets :attr:`mixed_batches` on top of any order).
         max_train_per_class: Use only the first N training images of each class (quick runs).
         synthetic: Generation parameters of the synthetic dataset (``num_train``, ``num_test_good``,
             ``num_test_defect``, ``image_size``, ``seed``).
-        seed: Seed of the mixed-class sampler.
+        seed: Seed of the training order, combined with the run's seed.
     """
 
     def __init__(
@@ -226,8 +286,8 @@ class MultiClassDataModule(L.LightningDataModule):
             raise DataError(f"data.format must be one of {FORMATS}, got '{format}'.")
         if format != "synthetic" and not root:
             raise DataError(f"data.root is required for data.format={format} (e.g. data.root=/data/{name}).")
-        if sampler not in ("random", "mixed_class"):
-            raise DataError(f"data.sampler must be 'random' or 'mixed_class', got '{sampler}'.")
+        if sampler not in SAMPLERS:
+            raise DataError(f"data.sampler must be one of {SAMPLERS}, got '{sampler}'.")
         if crop_size is not None and crop_size > image_size:
             raise DataError(f"data.crop_size ({crop_size}) must not exceed data.image_size ({image_size}).")
         self.name, self.format, self.root = name, format, root
@@ -244,7 +304,10 @@ class MultiClassDataModule(L.LightningDataModule):
         # Set by the training entry point from the method's needs.
         self.synthesizer: Callable | None = None
         self.view_transform_factory: Callable[[int, Sequence[float], Sequence[float]], Any] | None = None
-        # Labels the mixed-class sampler mixes (e.g. CCL's k-means pseudo classes); None = the classes.
+        # Set by a method or loss plug-in that needs batches of two or more classes (CCL): the training order
+        # of ``sampler`` (random or class_balanced) is then cut into mixed batches (MixedClassOrder).
+        self.mixed_batches = False
+        # Labels the mixed-class order mixes (e.g. CCL's k-means pseudo classes); None = the classes.
         self.sampler_labels: Sequence[int] | None = None
         self.train_dataset: AnomalyDataset | None = None
         self.test_dataset: AnomalyDataset | None = None
@@ -359,26 +422,29 @@ class MultiClassDataModule(L.LightningDataModule):
         # The loader's own generator: creating its iterators must not consume the global torch RNG, which
         # a training step may use (dropout, feature noise) and which a resumed run restores.
         generator = torch.Generator().manual_seed(seed)
-        if self.sampler == "mixed_class":
-            ids = self.sampler_labels
-            if ids is None:
-                ids = [self.train_dataset.class_index[r.class_name] for r in self.train_dataset.records]
+        class_ids = [self.train_dataset.class_index[r.class_name] for r in self.train_dataset.records]
+        order: Sampler[int] = (
+            ClassBalancedIndices(class_ids, seed)
+            if self.sampler == "class_balanced"
+            else ShuffledIndices(len(self.train_dataset), seed)
+        )
+        if self.sampler == "mixed_class" or self.mixed_batches:
+            ids = self.sampler_labels if self.sampler_labels is not None else class_ids
+            if self.sampler_labels is None:
                 present = sorted({r.class_name for r in self.train_dataset.records})
                 if len(present) < 2:
                     # Usually reached first (an LR schedule sizes itself from the loader before fit starts).
                     raise DataError(
-                        f"data.sampler=mixed_class needs at least two classes in the training set, which holds "
-                        f"only {present}. CCL (loss=ccl) sets it: with loss.label_source=gt its negatives are "
-                        "images of another class, so train on several classes (data.classes), or use "
-                        "loss.label_source=kmeans loss.kmeans_clusters=2 (or more)."
+                        f"Mixed-class batches (data.sampler=mixed_class) need at least two classes in the training "
+                        f"set, which holds only {present}. CCL (loss=ccl) asks for them: with loss.label_source=gt "
+                        "its negatives are images of another class, so train on several classes (data.classes), "
+                        "or use loss.label_source=kmeans loss.kmeans_clusters=2 (or more)."
                     )
-            batches = MixedClassBatchSampler(ids, self.batch_size, self.drop_last, self.seed)
-            self._train_sampler = EpochSeededSampler(batches, seed, epoch)
-            return DataLoader(
-                self.train_dataset, batch_sampler=self._train_sampler, generator=generator, **self._loader_kwargs()
-            )
+            trainer = getattr(self, "trainer", None)
+            world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+            order = MixedClassOrder(ids, self.batch_size, seed, order=order, num_replicas=world)
         drop_last = self.drop_last and len(self.train_dataset) >= self.batch_size
-        self._train_sampler = EpochSeededSampler(ShuffledIndices(len(self.train_dataset), seed), seed, epoch)
+        self._train_sampler = EpochSeededSampler(order, seed, epoch)
         return DataLoader(
             self.train_dataset,
             batch_size=self.batch_size,

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from mcad.utils.files import atomic_write
 
 __all__ = [
     "kmeans_pseudo_labels",
@@ -165,14 +166,5 @@ def cached_pseudo_labels(
         except (OSError, ValueError, KeyError):
             pass  # unreadable / foreign file: recompute and overwrite
     labels = np.asarray(compute_fn()).astype(np.int64).ravel()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, labels=labels, key=np.asarray("" if key is None else key))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda fh: np.savez(fh, labels=labels, key=np.asarray("" if key is None else key)), binary=True)
     return labels

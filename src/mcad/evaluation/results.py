@@ -6,32 +6,18 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from mcad.utils.files import atomic_write
 
 METRIC_COLUMNS = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO", "mAD")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Writes via a temporary file in the same folder and renames it into place.
-
-    A kill during writing leaves either the old file or no file, never a truncated one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Writes ``text`` atomically (see :func:`mcad.utils.files.atomic_write`)."""
+    atomic_write(path, lambda fh: fh.write(text))
 
 
 def _rows(per_class: Mapping[str, Mapping[str, float]], mean: Mapping[str, float]) -> list[tuple[str, dict]]:

@@ -699,7 +699,7 @@ class CCLPlugin(LossPlugin):
     def configure_datamodule(self, datamodule: Any) -> None:
         """Requests the augmented view (``image_aug``) and batches holding at least two classes."""
         datamodule.view_transform_factory = functools.partial(_make_view_transform, **self.view_options)
-        datamodule.sampler = "mixed_class"
+        datamodule.mixed_batches = True  # on top of data.sampler's order (random or class_balanced)
         self._datamodule = datamodule
 
     def setup(self, method: Any) -> None:
@@ -747,7 +747,7 @@ class CCLPlugin(LossPlugin):
             "source": "kmeans", "num_classes": len(present), "num_clusters": k, "features": extractor,
             "adjusted_rand_index": ari, "cluster_sizes": counts,
         }  # fmt: skip
-        if getattr(dm, "sampler", None) == "mixed_class":
+        if getattr(dm, "mixed_batches", False) or getattr(dm, "sampler", None) == "mixed_class":
             # Mix pseudo classes, which are what the contrastive terms see.
             dm.sampler_labels = labels.tolist()
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from mcad.utils.files import default_mode
+
 SYNTHETIC_CLASSES = ("stripes", "checker", "disk", "nut")
 _GENERATOR_VERSION = 2  # bump when the drawing code changes, so caches are rebuilt
 
@@ -120,6 +122,7 @@ def generate_synthetic_dataset(
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=root.parent))
+    tmp.chmod(default_mode(directory=True))  # mkdtemp's 0o700 would hide the dataset from other users
     try:
         for class_index, name in enumerate(classes):
             for split, count, defective in (

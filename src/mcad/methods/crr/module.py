@@ -247,4 +247,3 @@ class CRRModule(AnomalyModule):
             "params_seg_head": seg,
             "params_frozen_backbone": sum(p.numel() for p in self.model.backbone.parameters()),
         }
-
