@@ -442,8 +442,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("print_table", True):
         print(f"\n{results['method']} on {results['data']} ({results['protocol']['name']} protocol), %:\n")
         print(metrics_markdown(results["per_class"], results["mean"]))
-        ckpts = ", ".join(f"checkpoints/{p['name']}/last.ckpt" for p in phases) or "checkpoints/last.ckpt"
-        print(f"Outputs in {output_dir}: {', '.join(p.name for p in paths.values())}, {ckpts}")
+        candidates = [f"checkpoints/{p['name']}/last.ckpt" for p in phases] or ["checkpoints/last.ckpt"]
+        # An evaluation-only run (train=false) writes no checkpoint: list only what this run left.
+        written = [c for c in candidates if (Path(output_dir) / c).is_file()]
+        print(f"Outputs in {output_dir}: {', '.join([*(p.name for p in paths.values()), *written])}")
     return results
 
 
