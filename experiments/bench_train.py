@@ -15,13 +15,15 @@ Usage::
     python experiments/bench_train.py --paper --accelerator gpu --precision bf16-mixed   # paper backbones
 
 Timed windows skip the first ``--warmup`` steps (allocator and thread-pool warm-up). Lightning and bare
-runs alternate once per method so that drift of the machine affects both alike.
+runs alternate ``--rounds`` times per method and the medians are compared, so that drift of the machine
+affects both alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -121,7 +123,7 @@ class _StepTimer(L.Callback):
             self.end = time.perf_counter()
 
 
-def lightning_loop(cfg, steps: int, warmup: int) -> tuple[float, float, object, object]:
+def lightning_loop(cfg, steps: int, warmup: int, test: bool = True) -> tuple[float, float | None, object, object]:
     from hydra.utils import instantiate
 
     method, datamodule = build_components(cfg)
@@ -130,6 +132,8 @@ def lightning_loop(cfg, steps: int, warmup: int) -> tuple[float, float, object, 
                           enable_checkpointing=False)  # fmt: skip
     trainer.fit(method, datamodule=datamodule)
     train_ips = timer.n / (timer.end - timer.start)
+    if not test:
+        return train_ips, None, method, datamodule
     start = time.perf_counter()
     trainer.test(method, datamodule=datamodule, verbose=False)
     test_ips = len(datamodule.test_dataset) / (time.perf_counter() - start)
@@ -144,6 +148,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating Lightning/bare rounds (median)")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--paper", action="store_true", help="paper backbones (random weights) instead of Lite0")
@@ -166,8 +171,18 @@ def main() -> None:
             cold_ips = (len(datamodule.train_dataset) + len(datamodule.test_dataset)) / (time.perf_counter() - start)
             cached_ips = loader_throughput(datamodule)
             clip = cfg.trainer.get("gradient_clip_val")
-            lit_ips, test_ips, method_l, dm_l = lightning_loop(cfg, args.steps, args.warmup)
-            bare_ips = bare_loop(method, datamodule, args.steps, args.warmup, device, clip)
+            # Alternate the two loops and keep the median of each: on a small shared machine one window of a
+            # few steps drifts by 10-20 %, more than the overhead being measured.
+            lit_runs, bare_runs, test_ips = [], [], float("nan")
+            for round_index in range(args.rounds):
+                lit, test, method_l, dm_l = lightning_loop(cfg, args.steps, args.warmup, test=round_index == 0)
+                test_ips = test if test is not None else test_ips  # measured in the first round
+                lit_runs.append(lit)
+                bare_runs.append(bare_loop(method, datamodule, args.steps, args.warmup, device, clip))
+            lit_ips, bare_ips = statistics.median(lit_runs), statistics.median(bare_runs)
+            print(
+                f"[{name}] rounds: Lightning {[round(x, 2) for x in lit_runs]}, bare {[round(x, 2) for x in bare_runs]}"
+            )
             counts = method_l.parameter_counts()
             flops = count_flops(method_l, dm_l.input_size)
             rows.append((name, lit_ips, bare_ips, test_ips, cold_ips, cached_ips, counts, flops))
