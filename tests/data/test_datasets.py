@@ -172,32 +172,43 @@ def test_class_balanced_sampler_draws_every_class_equally_and_covers_the_small_o
     assert list(sampler) != epoch0
 
 
-def test_datamodule_class_balanced_sampler_is_used_for_training(tmp_path):
+def _unbalanced_class_balanced_datamodule(tmp_path, batch_size: int) -> MultiClassDataModule:
+    """Folder data with 9 training images of class a and 3 of class b, read with data.sampler=class_balanced."""
     root = make_mvtec_tree(tmp_path / "d")
-    for i in range(3, 9):  # class a: 9 training images, class b: 3
+    for i in range(3, 9):
         _img(root / "a" / "train" / "good" / f"{i:03d}.png")
-    dm = MultiClassDataModule(
-        format="folder", root=str(root), image_size=32, batch_size=2, num_workers=0, sampler="class_balanced",
-        cache_dir=str(tmp_path / "c"), mean=[0.5] * 3, std=[0.5] * 3,
+    return MultiClassDataModule(
+        format="folder", root=str(root), image_size=32, batch_size=batch_size, num_workers=0,
+        sampler="class_balanced", cache_dir=str(tmp_path / "c"), mean=[0.5] * 3, std=[0.5] * 3,
     )  # fmt: skip
+
+
+def test_datamodule_class_balanced_sampler_is_used_for_training(tmp_path):
+    dm = _unbalanced_class_balanced_datamodule(tmp_path, batch_size=2)
     dm.setup("fit")
     names = [name for batch in dm.train_dataloader() for name in batch["class_name"]]
     assert len(names) == 12 and names.count("a") == names.count("b") == 6
     with pytest.raises(DataError, match="class_balanced"):
-        MultiClassDataModule(format="folder", root=str(root), sampler="balanced")
+        MultiClassDataModule(format="folder", root=str(tmp_path / "d"), sampler="balanced")
 
 
 def test_mixed_batches_keep_the_class_balanced_order(tmp_path):
-    root = make_mvtec_tree(tmp_path / "d")
-    for i in range(3, 9):  # class a: 9 training images, class b: 3
-        _img(root / "a" / "train" / "good" / f"{i:03d}.png")
-    dm = MultiClassDataModule(
-        format="folder", root=str(root), image_size=32, batch_size=4, num_workers=0, sampler="class_balanced",
-        cache_dir=str(tmp_path / "c"), mean=[0.5] * 3, std=[0.5] * 3,
-    )  # fmt: skip
+    dm = _unbalanced_class_balanced_datamodule(tmp_path, batch_size=4)
     dm.mixed_batches = True  # what loss=ccl asks for
     dm.setup("fit")
     batches = [list(batch["class_name"]) for batch in dm.train_dataloader()]
     assert len(batches) == 3 and all(len(set(b)) == 2 for b in batches)
     names = [n for b in batches for n in b]
     assert names.count("b") >= 5  # balanced: 6 of 12 draws (a swap into a single-class batch may move one)
+
+
+def test_pin_memory_follows_the_trainer_device_unless_set(tmp_path):
+    from types import SimpleNamespace
+
+    def kwargs(pin, device):
+        dm = MultiClassDataModule(format="folder", root=str(tmp_path), pin_memory=pin)
+        dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), global_rank=0)
+        return dm._loader_kwargs()["pin_memory"]
+
+    assert kwargs(None, "cuda") is True and kwargs(None, "cpu") is False
+    assert kwargs(True, "cpu") is True and kwargs(False, "cuda") is False

@@ -138,7 +138,8 @@ def test_crr_two_phases_separate_defects_and_stage2_keeps_stage1(make_config, fa
 
     # Evaluation only from a checkpoint: same numbers as the run; alpha = 1.0 (seg_weight 0) differs.
     capsys.readouterr()
-    again = train(make_config([*overrides, "train=false", f"ckpt_path={ckpt2}"], tmp_path / "eval"))
+    printing = [o for o in overrides if not o.startswith("print_table=")] + ["print_table=true"]
+    again = train(make_config([*printing, "train=false", f"ckpt_path={ckpt2}"], tmp_path / "eval"))
     assert again["mean"] == pytest.approx(results["mean"])
     # the closing line names what the run wrote: results, but no checkpoint (it trained nothing)
     outputs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Outputs in")]

@@ -239,7 +239,7 @@ class MultiClassDataModule(L.LightningDataModule):
         batch_size: Training batch size.
         eval_batch_size: Test batch size.
         num_workers: Loader worker processes.
-        pin_memory: Pin host memory (useful on GPU).
+        pin_memory: Pin host memory; ``None`` (default) pins exactly when the trainer runs on a GPU.
         persistent_workers: Keep workers alive between epochs.
         drop_last: Drop the last incomplete training batch (as the official codes do).
         cache_decoded: Cache decoded, resized images on disk under ``cache_dir``.
@@ -269,7 +269,7 @@ class MultiClassDataModule(L.LightningDataModule):
         batch_size: int = 16,
         eval_batch_size: int = 32,
         num_workers: int = 2,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         persistent_workers: bool = True,
         drop_last: bool = True,
         cache_decoded: bool = True,
@@ -405,10 +405,17 @@ class MultiClassDataModule(L.LightningDataModule):
         rank = int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
         return {
             "num_workers": self.num_workers,
-            "pin_memory": self.pin_memory,
+            "pin_memory": self._pin_memory(trainer),
             "persistent_workers": self.persistent_workers,
             "worker_init_fn": functools.partial(seed_worker, rank=rank) if self.num_workers > 0 else None,
         }
+
+    def _pin_memory(self, trainer: Any) -> bool:
+        if self.pin_memory is not None:
+            return bool(self.pin_memory)
+        # Pinned pages only pay off for host-to-GPU copies; on a CPU run they cost memory and time.
+        root_device = getattr(getattr(trainer, "strategy", None), "root_device", None)
+        return getattr(root_device, "type", "cpu") == "cuda"
 
     def _sampler_seed(self) -> int:
         # The run's seed (``seed_everything`` exports it, also to spawned processes) combined with data.seed.
