@@ -84,10 +84,20 @@ def test_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_offline_pretrained_download_failure_is_actionable(monkeypatch):
-    def fail(*args, **kwargs):
+def test_offline_pretrained_download_failure_is_actionable(monkeypatch, tmp_path):
+    # Nothing is downloaded: timm.create_model is replaced by a stand-in that fails the way an offline
+    # fetch does, and the hub caches point into an empty tmp folder with the hub set offline, so even a
+    # stand-in that slipped would find no weights and no network.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    requests = []
+
+    def offline_fetch(*args, **kwargs):
+        requests.append(kwargs.get("pretrained"))
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(timm, "create_model", fail)
+    monkeypatch.setattr(timm, "create_model", offline_fetch)
     with pytest.raises(WeightsError, match="weights_path"):
         TimmBackbone("wide_resnet50_2", [1, 2, 3], pretrained=True)
+    assert requests == [True]  # the wrapper asked timm for the weights, and got the offline failure

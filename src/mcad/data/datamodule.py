@@ -173,13 +173,13 @@ class MixedClassOrder(Sampler[int]):
 
 
 class EpochSeededSampler(Sampler):
-    """Wraps the training sampler (or batch sampler): the order of an epoch and a seed for every drawn sample.
+    """Wraps the training sampler: the order of an epoch and a seed for every drawn sample.
 
-    A pass yields ``(index, sample_seed)`` instead of ``index`` (lists of them for a batch sampler), in the
-    inner sampler's order for :attr:`epoch`. :class:`~mcad.data.dataset.AnomalyDataset` draws all of a
-    sample's randomness (image-level synthesizer, augmented view) from ``sample_seed``. So batches and their
-    random content depend only on ``(seed, epoch)``: not on the number of loader workers, persistent workers,
-    the global RNG, or how often the loop re-creates its iterator (Lightning does so once more when a run
+    A pass yields ``(index, sample_seed)`` instead of ``index``, in the inner sampler's order for
+    :attr:`epoch`. :class:`~mcad.data.dataset.AnomalyDataset` draws all of a sample's randomness
+    (image-level synthesizer, augmented view) from ``sample_seed``. So batches and their random content
+    depend only on ``(seed, epoch)``: not on the number of loader workers, persistent workers, the global
+    RNG, or how often the loop re-creates its iterator (Lightning does so once more when a run
     resumes), and a resumed run continues with the epochs of an uninterrupted one.
 
     The training loop selects the epoch with :meth:`set_epoch` before every epoch (Lightning does, also
@@ -188,18 +188,13 @@ class EpochSeededSampler(Sampler):
     data module saves in checkpoints.
 
     Args:
-        inner: A sampler of indices or a batch sampler of index lists (optionally with ``set_epoch``).
+        inner: A sampler of indices (optionally with ``set_epoch``).
         seed: Seed of the per-sample seeds.
         epoch: Epoch of the first pass (restored from a checkpoint when resuming).
     """
 
     def __init__(self, inner: Sampler, seed: int, epoch: int = 0) -> None:
         self.inner, self.seed, self.epoch = inner, seed, epoch
-
-    @property
-    def sampler(self) -> EpochSeededSampler:
-        """Itself: Lightning calls ``set_epoch`` on ``loader.batch_sampler.sampler`` for a batch sampler."""
-        return self
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch of the next pass."""
@@ -215,11 +210,8 @@ class EpochSeededSampler(Sampler):
             set_epoch(epoch)
         # A stream apart from the order's, so that the order of an epoch does not depend on the seeds.
         seeds = np.random.default_rng([self.seed, epoch, 1])
-        for item in self.inner:
-            if isinstance(item, list):
-                yield [(int(i), int(s)) for i, s in zip(item, seeds.integers(0, 2**63, len(item)))]
-            else:
-                yield int(item), int(seeds.integers(0, 2**63))
+        for index in self.inner:
+            yield int(index), int(seeds.integers(0, 2**63))
 
 
 class MultiClassDataModule(L.LightningDataModule):

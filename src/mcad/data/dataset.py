@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from mcad.data.io import DataError, image_size, load_image, load_mask
 from mcad.data.records import SampleRecord
+from mcad.utils.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,7 @@ class DecodedCache:
         except (FileNotFoundError, ValueError, OSError):
             pass
         array = decode(source)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(tmp, array)
-        os.replace(tmp, path)
+        atomic_write(path, lambda fh: np.save(fh, array), binary=True)
         return array
 
 
