@@ -84,3 +84,26 @@ class EfficiencyMonitor(L.Callback):
         self.figures["peak_host_memory_mb"] = peak_host_memory_mb()
         if pl_module.device.type == "cuda":
             self.figures["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
+
+
+class ChannelsLast(L.Callback):
+    """Keeps the module's 4-D weights in channels-last (NHWC) memory format for training and inference.
+
+    Convolutions on tensor cores (bf16/fp16 on recent NVIDIA GPUs) run on NHWC; with NCHW weights and
+    activations cuDNN transposes around every convolution. A convolution with channels-last weights
+    returns channels-last activations, so converting the weights is enough. Enabled by ``channels_last=true``
+    (off by default: it changes speed only, and on CPU it rarely helps).
+    """
+
+    @staticmethod
+    def _convert(pl_module: L.LightningModule) -> None:
+        pl_module.to(memory_format=torch.channels_last)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._convert(pl_module)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._convert(pl_module)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._convert(pl_module)

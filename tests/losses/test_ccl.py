@@ -397,6 +397,27 @@ def test_ccl_loss_variants_and_switches():
         CCLLoss(global_cl="infonce")
 
 
+def test_ccl_loss_dense_levels_selects_the_levels_averaged():
+    inp = _batch([0, 1, 0, 2])
+    deep = CCLLoss(dense_levels=[1])
+    out = deep(**inp, generator=torch.Generator().manual_seed(0))
+    only_deep = dense_class_contrastive_loss(
+        *[inp[k][1:] for k in ("teacher_clean", "teacher_aug", "proj_clean", "proj_aug")],
+        inp["class_labels"],
+        tau=0.05,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert out["dense"].item() == pytest.approx(only_deep.item(), rel=1e-6)
+    everything = CCLLoss()(**inp, generator=torch.Generator().manual_seed(0))
+    assert out["dense"].item() != pytest.approx(everything["dense"].item(), rel=1e-3)
+    out["dense"].backward()
+    assert inp["proj_clean"][0].grad is None and inp["proj_clean"][1].grad is not None
+    with pytest.raises(ValueError, match="exposes 2 levels"):
+        CCLLoss(dense_levels=[2])(**inp)
+    with pytest.raises(ValueError, match="dense_levels"):
+        CCLLoss(dense_levels=[])
+
+
 def test_ccl_loss_warns_once_on_single_class_training_batch():
     crit = CCLLoss()
     crit.eval()

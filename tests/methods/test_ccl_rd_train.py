@@ -98,6 +98,40 @@ def test_ccl_rd_feature_noise_hits_the_clean_projection_only(make_config, fast_d
         assert not method.model.train_forward(batch["image"], batch["image_aug"], noise=False).noised
 
 
+def _bn_state(module):
+    return {k: v.clone() for k, v in module.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+@pytest.mark.parametrize("updates", [True, False])
+def test_augmented_view_bn_statistics_option(make_config, fast_data, two_threads, updates):
+    """E-CCL1: by default both OCBE passes move the running BN statistics; the option leaves them to the clean view."""
+    cfg = make_config(["method=ccl_rd", *LITE0, *fast_data, "method.noise_prob=0",
+                       f"method.aug_view_updates_bn={str(updates).lower()}"])  # fmt: skip
+    method, dm = build_components(cfg)
+    batch = _first_batch(method, dm)
+    method.train()
+    ocbe = method.model.rd.ocbe
+    before = _bn_state(ocbe)
+    with torch.no_grad():
+        out = method.model.train_forward(batch["image"], batch["image_aug"], noise=False)
+    after_both = _bn_state(ocbe)
+    # reference: the clean view's OCBE pass alone, from the same starting statistics
+    ocbe.load_state_dict({**ocbe.state_dict(), **before})
+    with torch.no_grad():
+        ocbe(method.model.proj(out.teacher))
+    clean_only = _bn_state(ocbe)
+    differs = [not torch.equal(after_both[k], clean_only[k]) for k in after_both if "running" in k]
+    assert any(differs) == updates
+    if not updates:
+        assert all(torch.equal(after_both[k], clean_only[k]) for k in after_both)
+        # the frozen pass still normalises with its own batch statistics (training-mode output, gradients)
+        ocbe.load_state_dict({**ocbe.state_dict(), **before})
+        with torch.no_grad():
+            reference = ocbe(method.model.proj(out.teacher_aug)).mean(dim=(2, 3))
+        assert torch.allclose(out.embedding_aug, reference, atol=1e-5)
+        assert all(m.momentum == 0.1 for m in ocbe.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
 def test_loss_plugin_on_rd(make_config, fast_data, two_threads):
     # `method=rd loss=ccl`: the generic plug-in path through the RD hooks.
     cfg = make_config(["method=rd", "loss=ccl", *LITE0, *fast_data])

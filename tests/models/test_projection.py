@@ -49,3 +49,18 @@ def test_forward_shapes_and_level_check():
         m(feats[:2])
     with pytest.raises(ValueError):
         ProjLayer(6)
+
+
+def test_width_multiplier_scales_the_hidden_widths_only():
+    layer = ProjLayer(24, width_multiplier=4)
+    convs = [m for m in layer.proj if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(24, 48), (48, 24), (24, 48), (48, 24)]
+    lite0 = [24, 40, 112]
+    for separable in (False, True):
+        wide = MultiProjectionLayer(lite0, separable=separable, width_multiplier=4)
+        assert _n(wide) == projection_param_count(lite0, separable=separable, width_multiplier=4)
+        assert _n(wide) > _n(MultiProjectionLayer(lite0, separable=separable))
+    assert wide([torch.randn(1, c, 4, 4) for c in lite0])[0].shape == (1, 24, 4, 4)
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="width_multiplier"):
+            ProjLayer(24, width_multiplier=bad)

@@ -23,8 +23,10 @@ def workflow_callbacks(cfg: DictConfig, callbacks: list) -> list:
     * ``visualize=true``: an :class:`~mcad.logging.visualize.AnomalyMapVisualizer` writing into
       ``<output_dir>/visualizations`` (unless the callbacks group already has one, e.g. ``callbacks=visualize``
       with its own settings);
-    * a W&B logger: :class:`~mcad.logging.wandb_panels.WandbPanels` (unless already present).
+    * a W&B logger: :class:`~mcad.logging.wandb_panels.WandbPanels` (unless already present);
+    * ``channels_last=true``: :class:`~mcad.callbacks.ChannelsLast` (unless already present).
     """
+    from mcad.callbacks import ChannelsLast
     from mcad.logging.visualize import AnomalyMapVisualizer
     from mcad.logging.wandb_panels import WandbPanels, is_wandb_node
 
@@ -34,6 +36,8 @@ def workflow_callbacks(cfg: DictConfig, callbacks: list) -> list:
     loggers = (cfg.get("logger") or {}).values()
     if any(is_wandb_node(node) for node in loggers) and not any(isinstance(cb, WandbPanels) for cb in callbacks):
         extra.append(WandbPanels())
+    if cfg.get("channels_last") and not any(isinstance(cb, ChannelsLast) for cb in callbacks):
+        extra.append(ChannelsLast())
     return extra
 
 

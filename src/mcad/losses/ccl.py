@@ -447,6 +447,8 @@ class CCLLoss(nn.Module):
         tau_dense: Temperature of the dense term.
         tau_global: Temperature of the global term.
         chunk_size: Query chunk of the dense correspondence search (memory only, no effect on values).
+        dense_levels: Indices (shallow = 0) of the feature levels the dense term averages over; ``None`` =
+            every level (official). Levels left out still feed the reconstruction and the global term.
     """
 
     def __init__(
@@ -459,8 +461,13 @@ class CCLLoss(nn.Module):
         tau_dense: float = 0.05,
         tau_global: float = 0.05,
         chunk_size: int | None = 1024,
+        dense_levels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
+        if dense_levels is not None:
+            dense_levels = sorted({int(i) for i in dense_levels})
+            if not dense_levels or dense_levels[0] < 0:
+                raise ValueError(f"dense_levels must be null or non-empty level indices >= 0, got {dense_levels}")
         if global_cl not in ("supcon", "ccl_head", "ccl_v1"):
             raise ValueError(f"global_cl must be 'supcon', 'ccl_head' or 'ccl_v1', got {global_cl!r}")
         if tau_dense <= 0 or tau_global <= 0:
@@ -473,6 +480,7 @@ class CCLLoss(nn.Module):
         self.tau_dense = float(tau_dense)
         self.tau_global = float(tau_global)
         self.chunk_size = chunk_size
+        self.dense_levels = dense_levels
         #: Number of training batches seen with fewer than two classes (dense term is 0 on those).
         self.single_class_batches = 0
         self._warned_single_class = False
@@ -482,7 +490,7 @@ class CCLLoss(nn.Module):
         return (
             f"use_dense={self.use_dense}, lambda_dense={self.lambda_dense}, tau_dense={self.tau_dense}, "
             f"use_global={self.use_global}, lambda_global={self.lambda_global}, tau_global={self.tau_global}, "
-            f"global_cl={self.global_cl!r}"
+            f"global_cl={self.global_cl!r}, dense_levels={self.dense_levels}"
         )
 
     def _check_batch_classes(self, labels: Tensor) -> None:
@@ -538,11 +546,16 @@ class CCLLoss(nn.Module):
 
         dense = zero
         if self.use_dense:
+            levels = [teacher_clean, teacher_aug, proj_clean, proj_aug]
+            if self.dense_levels is not None:
+                if self.dense_levels[-1] >= len(proj_clean):
+                    raise ValueError(
+                        f"loss.dense_levels={self.dense_levels} but the method exposes {len(proj_clean)} levels "
+                        f"(valid indices 0..{len(proj_clean) - 1})."
+                    )
+                levels = [[maps[i] for i in self.dense_levels] for maps in levels]
             dense = self.lambda_dense * dense_class_contrastive_loss(
-                teacher_clean,
-                teacher_aug,
-                proj_clean,
-                proj_aug,
+                *levels,
                 labels,
                 tau=self.tau_dense,
                 generator=generator,
@@ -629,6 +642,7 @@ class CCLPlugin(LossPlugin):
         tau_dense: Dense temperature (official configs 0.05).
         tau_global: Global temperature (official configs 0.05).
         chunk_size: Query chunk of the correspondence search (memory only).
+        dense_levels: Level indices the dense term uses (``None`` = all, official); see :class:`CCLLoss`.
         label_source: ``gt`` (category index from the data layer) or ``kmeans`` (pseudo classes, A-CCL3).
         kmeans_backbone: Partial building the frozen feature extractor for the pseudo labels (a
             :class:`~mcad.models.backbones.TimmBackbone`); the GAP of its last level is clustered.
@@ -657,6 +671,7 @@ class CCLPlugin(LossPlugin):
         tau_dense: float = 0.05,
         tau_global: float = 0.05,
         chunk_size: int | None = 1024,
+        dense_levels: Sequence[int] | None = None,
         label_source: LabelSource = "gt",
         kmeans_backbone: Callable[[], nn.Module] | None = None,
         kmeans_clusters: int | None = None,
@@ -678,6 +693,7 @@ class CCLPlugin(LossPlugin):
         self.terms = CCLLoss(
             lambda_dense=lambda_dense, lambda_global=lambda_global, use_dense=use_dense, use_global=use_global,
             global_cl=global_cl, tau_dense=tau_dense, tau_global=tau_global, chunk_size=chunk_size,
+            dense_levels=dense_levels,
         )  # fmt: skip
         self.label_source: LabelSource = label_source
         self.kmeans_backbone = kmeans_backbone

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from mcad.losses.ccl import feature_noise_
 from mcad.losses.cosine import fused_cosine_map
 from mcad.methods.rd.model import ReverseDistillation
+from mcad.models.blocks.batchnorm import running_stats_frozen
 from mcad.models.blocks.projection import MultiProjectionLayer
 
 
@@ -58,10 +59,15 @@ class CCLReverseDistillation(nn.Module):
         decoder: Builds the student: ``decoder(in_channels=..., channels=...) -> nn.Module``.
         separable_projection: Depthwise-separable projection (later official code's ``dp=True``);
             ``False`` = the RD++ dense 3×3 convolutions of both official versions.
+        proj_width_multiplier: Hidden-width multiplier of the projection layers (1 = official C/2, C/4, C/2).
         noise_prob: Per-step probability of the feature noise; ``None`` = the official rule (one
             ``N(0, 1) > 0.5`` draw, p ≈ 0.31); ``0`` disables it.
         noise_mask_prob: Fraction of perturbed locations (official 0.5).
         noise_std: Standard deviation of the noise (official 1).
+        aug_view_updates_bn: Whether the augmented view's OCBE pass updates the OCBE's running BatchNorm
+            statistics (official: yes, errata E-CCL1). ``False`` keeps the pass (its embedding feeds the
+            global loss, normalised with its own batch statistics) but leaves the test-time statistics to
+            the clean view, the only one the student decodes.
     """
 
     def __init__(
@@ -70,17 +76,22 @@ class CCLReverseDistillation(nn.Module):
         ocbe: Callable[..., nn.Module],
         decoder: Callable[..., nn.Module],
         separable_projection: bool = False,
+        proj_width_multiplier: int = 1,
         noise_prob: float | None = None,
         noise_mask_prob: float = 0.5,
         noise_std: float = 1.0,
+        aug_view_updates_bn: bool = True,
     ) -> None:
         super().__init__()
         # The projection keeps the teacher widths, so RD's OCBE and decoder are built unchanged.
         self.rd = ReverseDistillation(backbone, ocbe, decoder)
-        self.proj = MultiProjectionLayer(list(backbone.channels), separable=separable_projection)
+        self.proj = MultiProjectionLayer(
+            list(backbone.channels), separable=separable_projection, width_multiplier=proj_width_multiplier
+        )
         self.noise_prob = noise_prob
         self.noise_mask_prob = noise_mask_prob
         self.noise_std = noise_std
+        self.aug_view_updates_bn = aug_view_updates_bn
 
     @property
     def teacher(self) -> nn.Module:
@@ -101,7 +112,8 @@ class CCLReverseDistillation(nn.Module):
 
         Both views go through the projection AND the OCBE (errata E-CCL1: the augmented view's
         OCBE pass also updates the BatchNorm statistics, which changes test-time behaviour, so it
-        is always run); only the clean view is decoded.
+        is always run; ``aug_view_updates_bn=False`` keeps the pass but not its statistics); only the
+        clean view is decoded.
 
         Args:
             images: Clean view ``(B, 3, H, W)``.
@@ -119,7 +131,11 @@ class CCLReverseDistillation(nn.Module):
             noised = feature_noise_(proj, prob_apply=self.noise_prob, mask_prob=self.noise_mask_prob,
                                     std=self.noise_std)  # fmt: skip
         mid = self.rd.ocbe(proj)
-        mid_aug = self.rd.ocbe(proj_aug)
+        if self.aug_view_updates_bn:
+            mid_aug = self.rd.ocbe(proj_aug)
+        else:
+            with running_stats_frozen(self.rd.ocbe):
+                mid_aug = self.rd.ocbe(proj_aug)
         student = self.rd.decoder(mid)
         return CCLForward(
             teacher=teacher,

@@ -39,9 +39,12 @@ class CCLRDModule(AnomalyModule):
         scheduler: Partial schedule ``(optimizer, total_steps)`` stepped every iteration, or ``None`` for
             the official constant LR (its configured step schedule never reaches these optimisers).
         separable_projection: Depthwise-separable projection (HEAD ``dp=True``); default dense.
+        proj_width_multiplier: Hidden-width multiplier of the projection layers (1 = official C/2, C/4, C/2).
         noise_prob: Feature-noise probability per step; ``None`` = official ``N(0,1) > 0.5`` rule (≈ 0.31).
         noise_mask_prob: Fraction of perturbed locations (0.5).
         noise_std: Noise standard deviation (1).
+        aug_view_updates_bn: The augmented view's OCBE pass updates the running BatchNorm statistics (official,
+            E-CCL1: true); false leaves them to the clean view.
         protocol: Evaluation protocol.
         on_nonfinite: ``raise`` or ``skip`` batches with a NaN/Inf loss.
         synthesizer: Unused (CCL synthesises no anomalies).
@@ -57,9 +60,11 @@ class CCLRDModule(AnomalyModule):
         proj_lr: float = 0.001,
         scheduler: Callable[..., Any] | None = None,
         separable_projection: bool = False,
+        proj_width_multiplier: int = 1,
         noise_prob: float | None = None,
         noise_mask_prob: float = 0.5,
         noise_std: float = 1.0,
+        aug_view_updates_bn: bool = True,
         protocol: Any = None,
         on_nonfinite: str = "raise",
         synthesizer: Any = None,
@@ -76,8 +81,9 @@ class CCLRDModule(AnomalyModule):
         super().__init__(protocol=protocol, on_nonfinite=on_nonfinite, loss=None, default_loss=GlobalCosineLoss)
         self.ccl = loss
         self.model = CCLReverseDistillation(
-            backbone, ocbe, decoder, separable_projection=separable_projection, noise_prob=noise_prob,
-            noise_mask_prob=noise_mask_prob, noise_std=noise_std,
+            backbone, ocbe, decoder, separable_projection=separable_projection,
+            proj_width_multiplier=proj_width_multiplier, noise_prob=noise_prob,
+            noise_mask_prob=noise_mask_prob, noise_std=noise_std, aug_view_updates_bn=aug_view_updates_bn,
         )  # fmt: skip
         self.optimizer_factory = optimizer
         self.proj_lr = float(proj_lr)

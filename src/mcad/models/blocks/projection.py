@@ -37,6 +37,11 @@ def _conv_block(in_channels: int, out_channels: int, separable: bool) -> list[nn
     return [*convs, nn.InstanceNorm2d(out_channels), nn.LeakyReLU()]
 
 
+def _widths(in_channels: int, out_channels: int, width_multiplier: int) -> list[int]:
+    m = width_multiplier
+    return [in_channels, m * in_channels // 2, m * in_channels // 4, m * in_channels // 2, out_channels]
+
+
 class ProjLayer(nn.Module):
     """RD++ projection block: 3×3 convs C → C/2 → C/4 → C/2 → C_out, each + InstanceNorm2d + LeakyReLU.
 
@@ -47,14 +52,21 @@ class ProjLayer(nn.Module):
         out_channels: Output channels; defaults to ``in_channels`` (the only configuration CCL uses).
         separable: Use the depthwise-separable variant of the later official code (``dp=True`` there;
             default ``False`` = the variant used for the reported results).
+        width_multiplier: Scales the three hidden widths (``m·C/2, m·C/4, m·C/2``). 1 = official. A
+            narrow backbone (Lite0: 24 / 40 / 112 channels against WRN50-2's 256 / 512 / 1024) would
+            otherwise squeeze its shallowest level through 6 channels.
     """
 
-    def __init__(self, in_channels: int, out_channels: int | None = None, separable: bool = False) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int | None = None, separable: bool = False, width_multiplier: int = 1
+    ) -> None:
         super().__init__()
         if in_channels % 4 != 0:
             raise ValueError(f"in_channels must be divisible by 4, got {in_channels}")
+        if int(width_multiplier) != width_multiplier or width_multiplier < 1:
+            raise ValueError(f"width_multiplier must be a positive integer, got {width_multiplier}")
         out_channels = in_channels if out_channels is None else out_channels
-        widths = [in_channels, in_channels // 2, in_channels // 4, in_channels // 2, out_channels]
+        widths = _widths(in_channels, out_channels, int(width_multiplier))
         layers: list[nn.Module] = []
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             layers.extend(_conv_block(c_in, c_out, separable))
@@ -74,14 +86,17 @@ class MultiProjectionLayer(nn.Module):
         channels: Channels of each level, e.g. ``[256, 512, 1024]`` for WRN50-2 stages 1–3 (the official
             ``MultiProjectionLayer(base=64)``).
         separable: Depthwise-separable variant (see :class:`ProjLayer`).
+        width_multiplier: Hidden-width multiplier (see :class:`ProjLayer`; 1 = official).
     """
 
-    def __init__(self, channels: Sequence[int], separable: bool = False) -> None:
+    def __init__(self, channels: Sequence[int], separable: bool = False, width_multiplier: int = 1) -> None:
         super().__init__()
         if len(channels) == 0:
             raise ValueError("channels must be non-empty")
         self.channels = [int(c) for c in channels]
-        self.layers = nn.ModuleList(ProjLayer(c, c, separable=separable) for c in self.channels)
+        self.layers = nn.ModuleList(
+            ProjLayer(c, c, separable=separable, width_multiplier=width_multiplier) for c in self.channels
+        )
 
     def forward(self, features: Sequence[Tensor]) -> list[Tensor]:
         """Project every level; returns a new list (level order kept)."""
@@ -90,7 +105,7 @@ class MultiProjectionLayer(nn.Module):
         return [layer(f) for layer, f in zip(self.layers, features)]
 
 
-def projection_param_count(channels: Sequence[int], separable: bool = False) -> int:
+def projection_param_count(channels: Sequence[int], separable: bool = False, width_multiplier: int = 1) -> int:
     """Closed-form number of parameters of :class:`MultiProjectionLayer` (for checks and reports).
 
     For the dense variant each level has ``9·C²·(1/2 + 1/8 + 1/8 + 1/2) + (C/2 + C/4 + C/2 + C)``
@@ -98,7 +113,7 @@ def projection_param_count(channels: Sequence[int], separable: bool = False) -> 
     """
     total = 0
     for c in channels:
-        widths = [c, c // 2, c // 4, c // 2, c]
+        widths = _widths(c, c, width_multiplier)
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             if separable:
                 total += (9 * c_in + c_in) + (c_in * c_out + c_out)
