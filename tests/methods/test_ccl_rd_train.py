@@ -216,11 +216,12 @@ def test_ccl_rd_trains_and_separates_defects_on_synthetic_data(make_config, fast
 @pytest.mark.slow
 def test_ccl_rd_real_data_proxy(make_config, real_data_root, two_threads):
     # Issue 4's bar: I-AUROC >= 0.98 and P-AUROC >= 0.95 on each class. Measured with the proxy (10 epochs,
-    # class-balanced, seed 42): bottle 1.000 / 0.982, cookie 0.996 / 0.931 (plain RD, same budget: cookie
-    # 1.000 / 0.960). Cookie's pixel AUROC is below the bar, so this guards the level reached.
+    # class-balanced, dense term on levels 1 and 2, seed 42): bottle 1.000 / 0.982, cookie 0.998 / 0.945
+    # (seeds 1 and 2: cookie P-AUROC 0.970 and 0.956; plain RD, same budget and seed: cookie 1.000 / 0.960).
+    # Cookie's pixel AUROC at this seed is below the bar, so this guards the level reached.
     cfg = make_config(["experiment=proxy_ccl_rd", f"data.root={real_data_root}", "trainer.enable_progress_bar=false"])
     results = train(cfg)
     bottle, cookie = results["per_class"]["bottle"], results["per_class"]["cookie"]
     assert bottle["I-AUROC"] >= 0.98 and bottle["P-AUROC"] >= 0.95, results["per_class"]
-    assert cookie["I-AUROC"] >= 0.97 and cookie["P-AUROC"] >= 0.91, results["per_class"]
+    assert cookie["I-AUROC"] >= 0.97 and cookie["P-AUROC"] >= 0.93, results["per_class"]
     assert np.isfinite(results["efficiency"]["train_wall_seconds"])
