@@ -70,3 +70,17 @@ def test_reseed_from_torch():
     assert s1 == s2 == 11
     assert torch.equal(o1, t(image=img)["image"])
     assert isinstance(t, A.Compose)
+
+
+def test_crop_from_a_large_image_is_antialiased():
+    # A 1-pixel checkerboard shrunk 8x: area interpolation averages it to flat grey, plain bilinear sampling
+    # (no antialiasing) keeps a pattern. The view of a full-resolution file (E-CCL5) must be the former, as
+    # torchvision's RandomResizedCrop on a PIL image in the official loader.
+    board = (np.indices((512, 512)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    board = np.repeat(board[..., None], 3, axis=2)
+    crop = contrastive_view_transform(64, seed=0).transforms[0]
+    assert crop.area_for_downscale == "image"
+    out = A.Compose([crop], seed=0)(image=board)["image"].astype(np.float32)
+    aliased = A.Compose([A.RandomResizedCrop(size=(64, 64), scale=(0.8, 1.0), p=1.0)], seed=0)(image=board)["image"]
+    assert out.shape == (64, 64, 3)
+    assert out.std() < 10 < aliased.astype(np.float32).std()

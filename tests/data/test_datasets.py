@@ -131,6 +131,30 @@ def test_datamodule_batches_carry_every_field(tmp_path):
     assert len(list((tmp_path / "cache" / "decoded").glob("*.npy"))) == 10 + 2  # images + masks
 
 
+@pytest.mark.parametrize("from_original", [False, True])
+def test_view_pipeline_gets_the_file_at_full_resolution_when_asked(tmp_path, from_original):
+    root = tmp_path / "d"
+    for c in ("a", "b"):
+        _img(root / c / "train" / "good" / "000.png", size=(40, 24))
+        _img(root / c / "test" / "good" / "000.png", size=(40, 24))
+    seen = []
+
+    def record(image):  # stands in for the view pipeline: keeps the array it was handed
+        seen.append(image.shape)
+        return {"image": torch.zeros(3, 16, 16)}
+
+    dm = MultiClassDataModule(
+        name="t", format="folder", root=str(root), image_size=16, batch_size=2, num_workers=0,
+        cache_dir=str(tmp_path / "cache"), mean=[0.5] * 3, std=[0.5] * 3,
+    )  # fmt: skip
+    dm.view_transform_factory = lambda size, mean, std: record
+    dm.view_from_original = from_original
+    dm.setup("fit")
+    item = dm.train_dataset[0]
+    assert seen == [(24, 40, 3) if from_original else (16, 16, 3)]
+    assert item["image"].shape == (3, 16, 16) and item["image_aug"].shape == (3, 16, 16)
+
+
 def test_mask_of_another_size_is_refused_before_training(tmp_path):
     root = make_mvtec_tree(tmp_path / "d")
     _mask(root / "a" / "ground_truth" / "crack" / "000_mask.png", size=(10, 10))

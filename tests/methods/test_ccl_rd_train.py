@@ -50,8 +50,9 @@ def test_ccl_rd_wiring_optimiser_and_losses(make_config, fast_data, two_threads)
     cfg = make_config(["method=ccl_rd", *LITE0, *fast_data])
     assert cfg.trainer.gradient_clip_val == 5.0 and cfg.method.scheduler is None
     method, dm = build_components(cfg)
-    # the plug-in asked the data layer for the second view and mixed-class batches
-    assert dm.view_transform_factory is not None and dm.mixed_batches
+    # the plug-in asked the data layer for the second view (cut from the full-resolution file, E-CCL5) and
+    # mixed-class batches
+    assert dm.view_transform_factory is not None and dm.mixed_batches and dm.view_from_original
     # one Adam, two groups: OCBE + decoder at 5e-3, projection at 1e-3, both betas (0.5, 0.999); no teacher
     opt = method.configure_optimizers()
     assert isinstance(opt, torch.optim.Adam)
@@ -130,6 +131,14 @@ def test_augmented_view_bn_statistics_option(make_config, fast_data, two_threads
             reference = ocbe(method.model.proj(out.teacher_aug)).mean(dim=(2, 3))
         assert torch.allclose(out.embedding_aug, reference, atol=1e-5)
         assert all(m.momentum == 0.1 for m in ocbe.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_view_source_option_reaches_the_data_layer(make_config, fast_data):
+    cfg = make_config(["method=ccl_rd", *LITE0, *fast_data, "loss.view_source=resized"])
+    _, dm = build_components(cfg)
+    assert dm.view_transform_factory is not None and not dm.view_from_original
+    with pytest.raises(ValueError, match="loss.view_source must be 'original' or 'resized'"):
+        CCLPlugin(view_source="full")
 
 
 def test_loss_plugin_on_rd(make_config, fast_data, two_threads):

@@ -61,7 +61,9 @@ def contrastive_view_transform(
     ks = (blur_kernel, blur_kernel) if isinstance(blur_kernel, int) else tuple(blur_kernel)
     return A.Compose(
         [
-            A.RandomResizedCrop(size=(h, w), scale=crop_scale, ratio=(3 / 4, 4 / 3), p=1.0),
+            # Area interpolation when the crop shrinks (a view cut from a full-resolution file): torchvision's
+            # RandomResizedCrop on a PIL image, as in the official loader, antialiases; plain bilinear aliases.
+            A.RandomResizedCrop(size=(h, w), scale=crop_scale, ratio=(3 / 4, 4 / 3), area_for_downscale="image", p=1.0),
             A.HorizontalFlip(p=0.5),
             A.VerticalFlip(p=0.5),
             A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=1.0),

@@ -296,6 +296,8 @@ class MultiClassDataModule(L.LightningDataModule):
         # Set by the training entry point from the method's needs.
         self.synthesizer: Callable | None = None
         self.view_transform_factory: Callable[[int, Sequence[float], Sequence[float]], Any] | None = None
+        # The view is cut from the full-resolution file rather than the resized image (CCL, spec E-CCL5).
+        self.view_from_original = False
         # Set by a method or loss plug-in that needs batches of two or more classes (CCL): the training order
         # of ``sampler`` (random or class_balanced) is then cut into mixed batches (MixedClassOrder).
         self.mixed_batches = False
@@ -379,8 +381,9 @@ class MultiClassDataModule(L.LightningDataModule):
                 else None
             )
             self.train_dataset = AnomalyDataset(
-                train, self.class_names, self.image_size, transform, normalizer, cache, self.synthesizer, view
-            )
+                train, self.class_names, self.image_size, transform, normalizer, cache, self.synthesizer, view,
+                view_from_original=self.view_from_original,
+            )  # fmt: skip
             self.train_dataset.validate(decode=cache is None)
             self.train_dataset.prefill_cache()
         if stage in (None, "fit", "test", "predict") and self.test_dataset is None:

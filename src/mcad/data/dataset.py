@@ -85,7 +85,10 @@ class AnomalyDataset(Dataset):
         normalizer: Turns uint8 image tensors into normalised float tensors.
         cache: Optional decoded-image cache.
         synthesizer: Optional image-level anomaly synthesizer ``(uint8 image, rng) -> (image, mask)``.
-        view_transform: Optional pipeline producing ``image_aug`` from the resized image.
+        view_transform: Optional pipeline producing ``image_aug``.
+        view_from_original: Hand ``view_transform`` the decoded file at its own resolution (decoded again
+            for every item, not cached) instead of the ``load_size`` image: CCL's official view is cut
+            from the full-resolution image (spec E-CCL5).
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class AnomalyDataset(Dataset):
         cache: DecodedCache | None = None,
         synthesizer: Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]] | None = None,
         view_transform: A.Compose | None = None,
+        view_from_original: bool = False,
     ) -> None:
         self.records = list(records)
         self.class_names = list(class_names)
@@ -108,6 +112,7 @@ class AnomalyDataset(Dataset):
         self.cache = cache
         self.synthesizer = synthesizer
         self.view_transform = view_transform
+        self.view_from_original = view_from_original
 
     def __len__(self) -> int:
         return len(self.records)
@@ -168,7 +173,8 @@ class AnomalyDataset(Dataset):
         if self.view_transform is not None:
             if seeds is not None:
                 self.view_transform.set_random_seed(int(seeds[1]))
-            item["image_aug"] = self.view_transform(image=image)["image"]
+            source = load_image(rec.image_path) if self.view_from_original else image
+            item["image_aug"] = self.view_transform(image=source)["image"]
         return item
 
     def validate(self, num_threads: int = 4, decode: bool = False) -> None:

@@ -582,6 +582,7 @@ class CCLLoss(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 LabelSource = Literal["gt", "kmeans"]
 Correspondence = Literal["auto", "dense"]
+ViewSource = Literal["original", "resized"]
 
 
 def _make_view_transform(
@@ -659,6 +660,9 @@ class CCLPlugin(LossPlugin):
             ViTAD+CCL 0.7-1.0).
         view_rotate_limit: Rotation range of the second view in degrees (RD recipe 15; ViTAD+CCL 30).
         view_blur_kernel: Gaussian-blur kernel of the second view (RD recipe 23).
+        view_source: ``original`` (official, E-CCL5): the second view is cut from the decoded file at its
+            own resolution, as torchvision's RandomResizedCrop on the PIL image; ``resized``: from the
+            ``data.image_size`` image the clean view uses (cheaper: no second decode per item).
     """
 
     def __init__(
@@ -682,12 +686,15 @@ class CCLPlugin(LossPlugin):
         view_crop_scale: Sequence[float] = (0.8, 1.0),
         view_rotate_limit: float = 15.0,
         view_blur_kernel: int = 23,
+        view_source: ViewSource = "original",
     ) -> None:
         super().__init__()
         if label_source not in ("gt", "kmeans"):
             raise ValueError(f"loss.label_source must be 'gt' or 'kmeans', got {label_source!r}.")
         if correspondence not in ("auto", "dense"):
             raise ValueError(f"loss.correspondence must be 'auto' or 'dense', got {correspondence!r}.")
+        if view_source not in ("original", "resized"):
+            raise ValueError(f"loss.view_source must be 'original' or 'resized', got {view_source!r}.")
         if kmeans_clusters is not None and kmeans_clusters < 2:
             raise ValueError(f"loss.kmeans_clusters must be >= 2 (contrast needs two classes), got {kmeans_clusters}.")
         self.terms = CCLLoss(
@@ -707,6 +714,7 @@ class CCLPlugin(LossPlugin):
             "rotate_limit": float(view_rotate_limit),
             "blur_kernel": int(view_blur_kernel),
         }
+        self.view_source: ViewSource = view_source
         self._datamodule: Any = None
         self._pseudo: Tensor | None = None  # (N,) pseudo label of every training sample index
         self.label_info: dict[str, Any] = {"source": label_source}
@@ -715,6 +723,7 @@ class CCLPlugin(LossPlugin):
     def configure_datamodule(self, datamodule: Any) -> None:
         """Requests the augmented view (``image_aug``) and batches holding at least two classes."""
         datamodule.view_transform_factory = functools.partial(_make_view_transform, **self.view_options)
+        datamodule.view_from_original = self.view_source == "original"
         datamodule.mixed_batches = True  # on top of data.sampler's order (random or class_balanced)
         self._datamodule = datamodule
 
