@@ -180,9 +180,8 @@ def lightning_loop(
     from hydra.utils import instantiate
 
     method, datamodule = build_components(cfg)
-    callbacks = [_StepTimer(device)]
-    callbacks += workflow_callbacks(cfg, callbacks)  # as train.py: `channels_last=true` adds ChannelsLast
-    timer = callbacks[0]
+    timer = _StepTimer(device)
+    callbacks = [timer, *workflow_callbacks(cfg, [timer])]  # as train.py: `channels_last=true` adds ChannelsLast
     trainer = instantiate(cfg.trainer, logger=False, callbacks=callbacks, max_steps=steps + warmup, max_epochs=-1,
                           enable_checkpointing=False)  # fmt: skip
     if device.type == "cuda":

@@ -155,6 +155,29 @@ def test_view_pipeline_gets_the_file_at_full_resolution_when_asked(tmp_path, fro
     assert item["image"].shape == (3, 16, 16) and item["image_aug"].shape == (3, 16, 16)
 
 
+def test_full_resolution_view_decodes_each_file_once_per_item(tmp_path, monkeypatch):
+    import mcad.data.dataset as dataset_module
+
+    root = tmp_path / "d"
+    for c in ("a", "b"):
+        _img(root / c / "train" / "good" / "000.png", size=(40, 24), value=60)
+        _img(root / c / "test" / "good" / "000.png", size=(40, 24))
+    dm = MultiClassDataModule(
+        name="t", format="folder", root=str(root), image_size=16, batch_size=2, num_workers=0,
+        cache_decoded=False, mean=[0.5] * 3, std=[0.5] * 3,
+    )  # fmt: skip
+    dm.view_transform_factory = lambda size, mean, std: lambda image: {"image": torch.from_numpy(image.copy())}
+    dm.view_from_original = True
+    dm.setup("fit")
+    decoded = []
+    real_load_image = dataset_module.load_image
+    monkeypatch.setattr(dataset_module, "load_image", lambda path: decoded.append(path) or real_load_image(path))
+    item = dm.train_dataset[0]
+    assert decoded == [item["path"]]  # one decode feeds both the resized image and the view
+    assert item["image_aug"].shape == (24, 40, 3)
+    assert torch.allclose(item["image"][:, 8, 8], torch.full((3,), 60 / 255 / 0.5 - 1.0), atol=1e-5)
+
+
 def test_mask_of_another_size_is_refused_before_training(tmp_path):
     root = make_mvtec_tree(tmp_path / "d")
     _mask(root / "a" / "ground_truth" / "crack" / "000_mask.png", size=(10, 10))

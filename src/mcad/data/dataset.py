@@ -123,14 +123,21 @@ class AnomalyDataset(Dataset):
     def _decode_mask(self, path: str) -> np.ndarray:
         return resize_mask(load_mask(path), self.load_size)
 
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Returns the resized uint8 image and mask of a sample (through the cache if enabled)."""
+    def load(self, index: int, original: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Returns the resized uint8 image and mask of a sample (through the cache if enabled).
+
+        Args:
+            index: The sample.
+            original: The sample's file already decoded at full resolution, if the caller has it: a cache
+                miss (or no cache) resizes it instead of decoding the file a second time.
+        """
         rec = self.records[index]
+        decode_image = self._decode_image if original is None else lambda _: resize_image(original, self.load_size)
         if self.cache is not None:
-            image = self.cache.get(rec.image_path, "image", self._decode_image)
+            image = self.cache.get(rec.image_path, "image", decode_image)
             mask = self.cache.get(rec.mask_path, "mask", self._decode_mask) if rec.mask_path else None
         else:
-            image = self._decode_image(rec.image_path)
+            image = decode_image(rec.image_path)
             mask = self._decode_mask(rec.mask_path) if rec.mask_path else None
         if mask is None:
             mask = np.zeros(image.shape[:2], np.uint8)
@@ -146,7 +153,9 @@ class AnomalyDataset(Dataset):
         """
         index, sample_seed = key if isinstance(key, tuple) else (key, None)
         rec = self.records[index]
-        image, mask = self.load(index)
+        # The view's full-resolution source (E-CCL5) is decoded once and also feeds a cache miss.
+        original = load_image(rec.image_path) if self.view_transform is not None and self.view_from_original else None
+        image, mask = self.load(index, original)
         targets: dict[str, np.ndarray] = {"image": image, "mask": mask}
         # Independent streams for the synthesizer and the view.
         seeds = np.random.SeedSequence(sample_seed).generate_state(2) if sample_seed is not None else None
@@ -173,8 +182,7 @@ class AnomalyDataset(Dataset):
         if self.view_transform is not None:
             if seeds is not None:
                 self.view_transform.set_random_seed(int(seeds[1]))
-            source = load_image(rec.image_path) if self.view_from_original else image
-            item["image_aug"] = self.view_transform(image=source)["image"]
+            item["image_aug"] = self.view_transform(image=image if original is None else original)["image"]
         return item
 
     def validate(self, num_threads: int = 4, decode: bool = False) -> None:
