@@ -38,7 +38,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from mcad.logging import workflow_callbacks
-from mcad.train import build_components, config_dir, count_flops
+from mcad.build import build_components
+from mcad.config import config_dir
+from mcad.training.efficiency import count_flops
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +60,7 @@ def make_cfg(method: str, args: argparse.Namespace, out: Path, cache: Path):
         overrides = [f"experiment=proxy_{method}"]
     if args.data_root == "synthetic":
         # The procedural dataset, generated into the bench's cache: for machines without the real images.
-        overrides += ["data=synthetic", f"data.synthetic.num_train={args.synthetic_train}"]
+        overrides += ["data=synthetic", f"data.options.num_train={args.synthetic_train}"]
     else:
         overrides += ["data=folder", f"data.root={args.data_root}"]
     overrides += common
@@ -210,7 +212,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="alternating Lightning/bare rounds (pooled steps)")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--precision", default="32-true")
-    parser.add_argument("--channels-last", action="store_true", help="NHWC weights (mcad.callbacks.ChannelsLast)")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC weights (mcad.training.callbacks.ChannelsLast)")
     parser.add_argument("--paper", action="store_true", help="paper backbones (random weights) instead of Lite0")
     args = parser.parse_args()
     available = {p.stem for p in (Path(config_dir()) / "method").glob("*.yaml")}

@@ -11,7 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from mcad.train import config_dir
+from mcad.config import config_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO_ROOT.parent / "shared" / "data" / "real"
@@ -23,10 +23,10 @@ FAST_DATA = [
     "data.batch_size=8",
     "data.eval_batch_size=16",
     "data.num_workers=0",
-    "data.synthetic.num_train=12",
-    "data.synthetic.num_test_good=4",
-    "data.synthetic.num_test_defect=4",
-    "data.synthetic.image_size=128",
+    "data.options.num_train=12",
+    "data.options.num_test_good=4",
+    "data.options.num_test_defect=4",
+    "data.options.image_size=128",
     "trainer.enable_progress_bar=false",
     "print_table=false",
 ]

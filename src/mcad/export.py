@@ -6,8 +6,10 @@ after any crop; mean/std are stored in the model's metadata and in ``<output>.js
 * ``postprocess=true`` (default): ``anomaly_map`` ``(B, E, E)``, the evaluated maps, and ``score`` ``(B,)``,
   the image scores, exactly as the run's protocol computes them (upsampling to ``eval_size``, fusion with a
   segmentation map, Gaussian smoothing, max or top-k mean);
-* ``postprocess=false``: the method's raw ``anomaly_map`` ``(B, 1, h, w)`` and, for methods with a
-  segmentation head, ``segmentation``.
+* ``postprocess=false``: the method's raw ``anomaly_map`` ``(B, 1, h, w)`` (methods that return one map
+  per level, such as RD and RLR: ``anomaly_map_level0``, ``anomaly_map_level1``, ... at each level's grid,
+  to be upsampled to the evaluation size and averaged) and, for methods with a segmentation head,
+  ``segmentation``.
 
 The TorchScript-based exporter is used (``torch.onnx.export(..., dynamo=False)``): it needs no extra package
 and traces every method here; the batch axis is dynamic by default. After export the model is checked
@@ -31,9 +33,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from mcad.evaluate import find_run_dir, load_method, load_run_config
-from mcad.evaluation.results import atomic_write_text
-from mcad.train import config_dir
+from mcad.config import config_dir
+from mcad.runs import find_run_dir, load_run_config, load_trained_method
+from mcad.utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +55,18 @@ class InferencePath(nn.Module):
         if self.postprocess:
             maps, scores = self.method.protocol.process(out.anomaly_map, out.segmentation)
             return maps, scores
-        if out.segmentation is not None:
-            return out.anomaly_map, out.segmentation
-        return (out.anomaly_map,)
+        levels = out.anomaly_map if isinstance(out.anomaly_map, list) else [out.anomaly_map]
+        return (*levels, out.segmentation) if out.segmentation is not None else tuple(levels)
 
     def output_names(self, example: Tensor) -> list[str]:
-        """``[anomaly_map, score]``, ``[anomaly_map]`` or ``[anomaly_map, segmentation]``."""
+        """``[anomaly_map, score]``; raw: ``anomaly_map`` (or ``anomaly_map_level<i>`` per level), ``segmentation``."""
         if self.postprocess:
             return ["anomaly_map", "score"]
         with torch.no_grad():
-            n = len(self(example))
-        return ["anomaly_map", "segmentation"][:n]
+            out = self.method.anomaly_maps(example)
+        levels = out.anomaly_map if isinstance(out.anomaly_map, list) else [out.anomaly_map]
+        names = ["anomaly_map"] if len(levels) == 1 else [f"anomaly_map_level{i}" for i in range(len(levels))]
+        return names + (["segmentation"] if out.segmentation is not None else [])
 
 
 def export_onnx(
@@ -143,7 +146,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir).expanduser() if cfg.get("run_dir") else find_run_dir(ckpt)
     output = Path(cfg.output).expanduser() if cfg.get("output") else run_dir / "model.onnx"
     run_cfg = load_run_config(run_dir, output.parent, cfg.get("set"))
-    method, datamodule = load_method(run_cfg, ckpt)
+    method, datamodule = load_trained_method(run_cfg, ckpt)
     size = int(datamodule.input_size)
     metadata = {
         "input_size": size,

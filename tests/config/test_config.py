@@ -6,7 +6,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from mcad.config.validate import ConfigError, validate_config
-from mcad.train import config_dir
+from mcad.config import config_dir
 
 CONF = Path(config_dir())
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))

@@ -5,7 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mcad.data.datamodule import ClassBalancedIndices, MixedClassOrder, MultiClassDataModule
+import mcad.data.datamodule as datamodule_module
+from mcad.data.datamodule import MultiClassDataModule
+from mcad.data.requests import DataRequest, SecondView
 from mcad.data.datasets.mvtec import mvtec_layout_records
 from mcad.data.datasets.synthetic import generate_synthetic_dataset
 from mcad.data.datasets.visa import visa_records
@@ -132,7 +134,7 @@ def test_datamodule_batches_carry_every_field(tmp_path):
 
 
 @pytest.mark.parametrize("from_original", [False, True])
-def test_view_pipeline_gets_the_file_at_full_resolution_when_asked(tmp_path, from_original):
+def test_view_pipeline_gets_the_file_at_full_resolution_when_asked(tmp_path, from_original, monkeypatch):
     root = tmp_path / "d"
     for c in ("a", "b"):
         _img(root / c / "train" / "good" / "000.png", size=(40, 24))
@@ -147,8 +149,8 @@ def test_view_pipeline_gets_the_file_at_full_resolution_when_asked(tmp_path, fro
         name="t", format="folder", root=str(root), image_size=16, batch_size=2, num_workers=0,
         cache_dir=str(tmp_path / "cache"), mean=[0.5] * 3, std=[0.5] * 3,
     )  # fmt: skip
-    dm.view_transform_factory = lambda size, mean, std: record
-    dm.view_from_original = from_original
+    monkeypatch.setattr(datamodule_module, "contrastive_view_transform", lambda *args, **kwargs: record)
+    dm.configure(DataRequest(second_view=SecondView(from_original=from_original)))
     dm.setup("fit")
     item = dm.train_dataset[0]
     assert seen == [(24, 40, 3) if from_original else (16, 16, 3)]
@@ -166,8 +168,9 @@ def test_full_resolution_view_decodes_each_file_once_per_item(tmp_path, monkeypa
         name="t", format="folder", root=str(root), image_size=16, batch_size=2, num_workers=0,
         cache_decoded=False, mean=[0.5] * 3, std=[0.5] * 3,
     )  # fmt: skip
-    dm.view_transform_factory = lambda size, mean, std: lambda image: {"image": torch.from_numpy(image.copy())}
-    dm.view_from_original = True
+    monkeypatch.setattr(datamodule_module, "contrastive_view_transform",
+                        lambda *args, **kwargs: lambda image: {"image": torch.from_numpy(image.copy())})  # fmt: skip
+    dm.configure(DataRequest(second_view=SecondView(from_original=True)))
     dm.setup("fit")
     decoded = []
     real_load_image = dataset_module.load_image
@@ -186,37 +189,6 @@ def test_mask_of_another_size_is_refused_before_training(tmp_path):
     )
     with pytest.raises(DataError, match="000_mask.png.*10x10"):
         dm.setup()
-
-
-@pytest.mark.parametrize("num_replicas", [1, 2, 3])
-def test_mixed_class_order_mixes_every_batch_of_every_rank(num_replicas):
-    ids = [0] * 30 + [1] * 2
-    order = list(MixedClassOrder(ids, batch_size=4, seed=0, num_replicas=num_replicas))
-    assert len(order) == len(ids)
-    for rank in range(num_replicas):  # what DistributedSampler(shuffle=False) hands each rank
-        stream = order[rank::num_replicas]
-        batches = [stream[i : i + 4] for i in range(0, len(stream), 4)]
-        assert all(len({ids[i] for i in b}) >= 2 for b in batches if len(b) >= 2), (rank, batches)
-    with pytest.raises(DataError, match="two classes"):
-        MixedClassOrder([0, 0, 0], batch_size=2)
-
-
-def test_class_balanced_sampler_draws_every_class_equally_and_covers_the_small_one():
-    ids = [0] * 20 + [1] * 3 + [2] * 7
-    sampler = ClassBalancedIndices(ids, seed=5)
-    epoch0 = list(sampler)
-    assert len(epoch0) == len(ids)
-    counts = np.bincount([ids[i] for i in epoch0], minlength=3)
-    assert counts.tolist() == [10, 10, 10]
-    # within a class the draws are whole shuffled passes: the 3 small-class images appear 3 or 4 times each
-    small = np.bincount([i for i in epoch0 if ids[i] == 1], minlength=23)[20:23]
-    assert small.min() >= 3 and small.max() <= 4
-    # the 20-image class gets 10 distinct images (no repeat before a pass is used up)
-    assert len({i for i in epoch0 if ids[i] == 0}) == 10
-    # a pure function of (seed, epoch)
-    assert list(ClassBalancedIndices(ids, seed=5)) == epoch0
-    sampler.set_epoch(1)
-    assert list(sampler) != epoch0
 
 
 def _unbalanced_class_balanced_datamodule(tmp_path, batch_size: int) -> MultiClassDataModule:
@@ -241,7 +213,7 @@ def test_datamodule_class_balanced_sampler_is_used_for_training(tmp_path):
 
 def test_mixed_batches_keep_the_class_balanced_order(tmp_path):
     dm = _unbalanced_class_balanced_datamodule(tmp_path, batch_size=4)
-    dm.mixed_batches = True  # what loss=ccl asks for
+    dm.configure(DataRequest(mixed_batches=True))  # what loss=ccl asks for
     dm.setup("fit")
     batches = [list(batch["class_name"]) for batch in dm.train_dataloader()]
     assert len(batches) == 3 and all(len(set(b)) == 2 for b in batches)
@@ -259,3 +231,20 @@ def test_pin_memory_follows_the_trainer_device_unless_set(tmp_path):
 
     assert kwargs(None, "cuda") is True and kwargs(None, "cpu") is False
     assert kwargs(True, "cpu") is True and kwargs(False, "cuda") is False
+
+
+def test_configure_after_setup_is_refused(tmp_path):
+    root = make_mvtec_tree(tmp_path / "d")
+    dm = MultiClassDataModule(format="folder", root=str(root), num_workers=0, cache_dir=str(tmp_path / "c"),
+                              mean=[0.5] * 3, std=[0.5] * 3)  # fmt: skip
+    dm.setup("fit")
+    with pytest.raises(RuntimeError, match="before setup"):
+        dm.configure(DataRequest(mixed_batches=True))
+
+
+def test_request_merge_combines_needs_and_refuses_conflicts():
+    view = SecondView(rotate_limit=30.0)
+    merged = DataRequest(normalization=((0.5,) * 3, (0.2,) * 3)).merge(DataRequest(second_view=view, mixed_batches=True))
+    assert merged.second_view == view and merged.mixed_batches and merged.normalization == ((0.5,) * 3, (0.2,) * 3)
+    with pytest.raises(ValueError, match="second_view"):
+        merged.merge(DataRequest(second_view=SecondView()))

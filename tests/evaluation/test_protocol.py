@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from mcad.evaluation.protocol import EvalProtocol
@@ -35,6 +36,26 @@ def test_scores_masks_and_fusion():
     masks[0, 0, 4:8, 4:8] = 1.0
     binary = EvalProtocol(eval_size=8, gt_threshold=0.5).binarize_masks(masks)
     assert binary.dtype == torch.uint8 and int(binary.sum()) == 4
+    # a mask value exactly at the threshold: excluded by `>`, included by `>=` (CRR's loader)
+    half = torch.full((1, 1, 8, 8), 0.5)
+    assert int(EvalProtocol(eval_size=8).binarize_masks(half).sum()) == 0
+    assert int(EvalProtocol(eval_size=8, gt_inclusive=True).binarize_masks(half).sum()) == 64
+
+
+def test_levels_are_upsampled_straight_to_the_evaluation_size():
+    # The official RD / ADer / RLR fusion: every level straight to the evaluation size, then the mean.
+    # Upsampling a coarse fused map again (16 -> 64 -> 256) is not the same, so the two must differ.
+    torch.manual_seed(0)
+    levels = [torch.rand(2, 1, 64, 64), torch.rand(2, 1, 32, 32), torch.rand(2, 1, 16, 16)]
+    proto = EvalProtocol(eval_size=256, smoothing="none")
+    fused, _ = proto.process(levels)
+    up = [F.interpolate(m, size=(256, 256), mode="bilinear", align_corners=True) for m in levels]
+    torch.testing.assert_close(fused, torch.stack(up).mean(0)[:, 0], rtol=0, atol=1e-6)
+    coarse = torch.stack([F.interpolate(m, size=(64, 64), mode="bilinear", align_corners=True) for m in levels])
+    two_stage, _ = proto.process(coarse.mean(0))
+    assert float((two_stage - fused).abs().max()) > 1e-3
+    with pytest.raises(ValueError, match="empty"):
+        proto.process([])
 
 
 def test_unsmoothed_pixel_maps_but_smoothed_scores():

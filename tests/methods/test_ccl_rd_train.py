@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from mcad.data.datamodule import seed_worker
+from mcad.build import build_components
 from mcad.data.io import DataError
-from mcad.losses.ccl import CCLPlugin
-from mcad.train import build_components, train
+from mcad.data.samplers import seed_worker
+from mcad.methods.plugins import CCLPlugin, ContrastiveFeatures
+from mcad.train import train
 
 LITE0 = ["backbone=tf_efficientnet_lite0"]
 # k-means on the offline Lite0 (stage 4, 320-d GAP) instead of the official ImageNet ResNet-18.
@@ -29,7 +30,7 @@ def two_threads():
     torch.set_num_threads(previous)
 
 
-def _first_batch(method, datamodule):
+def _first_batch(method, datamodule):  # noqa: ARG001 - the method documents which run the batch is for
     """One mixed-class training batch as the loader builds it (num_workers=0 in the fast settings)."""
     datamodule.setup("fit")
     return next(iter(datamodule.train_dataloader()))
@@ -51,8 +52,9 @@ def test_ccl_rd_wiring_optimiser_and_losses(make_config, fast_data, two_threads)
     assert cfg.trainer.gradient_clip_val == 5.0 and cfg.method.scheduler is None
     method, dm = build_components(cfg)
     # the plug-in asked the data layer for the second view (cut from the full-resolution file, E-CCL5) and
-    # mixed-class batches
-    assert dm.view_transform_factory is not None and dm.mixed_batches and dm.view_from_original
+    # mixed-class batches, in one typed request
+    assert dm.request.second_view is not None and dm.request.second_view.from_original and dm.request.mixed_batches
+    assert dm.request.normalization == (tuple(method.model.teacher.mean), tuple(method.model.teacher.std))
     # one Adam, two groups: OCBE + decoder at 5e-3, projection at 1e-3, both betas (0.5, 0.999); no teacher
     opt = method.configure_optimizers()
     assert isinstance(opt, torch.optim.Adam)
@@ -66,14 +68,15 @@ def test_ccl_rd_wiring_optimiser_and_losses(make_config, fast_data, two_threads)
 
     batch = _first_batch(method, dm)
     assert batch["image_aug"].shape == batch["image"].shape
-    assert len(set(batch["class_id"].tolist())) >= 2
+    assert len(set(batch["class_id"].tolist())) >= 2 and torch.equal(batch["contrast_label"], batch["class_id"])
     method.train()
-    losses = method.training_losses(batch)
-    assert set(losses) == {"loss", "cos", "dense", "global"}
-    assert all(torch.isfinite(v) for v in losses.values())
-    assert losses["dense"] > 0 and losses["global"] > 0
-    assert torch.allclose(losses["loss"], losses["cos"] + losses["dense"] + losses["global"])
-    losses["loss"].backward()
+    own, features = method.contrastive_forward(batch)
+    assert isinstance(features, ContrastiveFeatures) and set(own) == {"loss", "cos"}
+    assert [f.shape[1] for f in features.dense] == list(method.model.teacher.channels)
+    terms = method.loss_plugin(features, batch)
+    assert set(terms) == {"ccl_dense", "ccl_global"}
+    assert all(torch.isfinite(v) and v > 0 for v in terms.values())
+    (own["loss"] + sum(terms.values())).backward()
     for name, module in (("proj", method.model.proj), ("ocbe", method.model.rd.ocbe), ("dec", method.model.rd.decoder)):
         grads = [p.grad for p in module.parameters()]
         assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, name
@@ -136,58 +139,78 @@ def test_augmented_view_bn_statistics_option(make_config, fast_data, two_threads
 def test_view_source_option_reaches_the_data_layer(make_config, fast_data):
     cfg = make_config(["method=ccl_rd", *LITE0, *fast_data, "loss.view_source=resized"])
     _, dm = build_components(cfg)
-    assert dm.view_transform_factory is not None and not dm.view_from_original
+    assert dm.request.second_view is not None and not dm.request.second_view.from_original
     with pytest.raises(ValueError, match="loss.view_source must be 'original' or 'resized'"):
         CCLPlugin(view_source="full")
 
 
 def test_loss_plugin_on_rd(make_config, fast_data, two_threads):
-    # `method=rd loss=ccl`: the generic plug-in path through the RD hooks.
+    # `method=rd loss=ccl`: the generic plug-in path through RD's one-pass hook.
     cfg = make_config(["method=rd", "loss=ccl", *LITE0, *fast_data])
     method, dm = build_components(cfg)
     assert isinstance(method.loss_plugin, CCLPlugin) and method.loss_fn is not None
-    assert dm.mixed_batches and dm.view_transform_factory is not None
+    assert dm.request.mixed_batches and dm.request.second_view is not None
     batch = _first_batch(method, dm)
     method.train()
-    method.loss_plugin.setup(method)
-    extra = method.loss_plugin(method, batch)
+    ocbe = method.model.ocbe
+    calls = []
+    handle = ocbe.register_forward_hook(lambda *_: calls.append(1))
+    own, features = method.contrastive_forward(batch)
+    handle.remove()
+    assert len(calls) == 2  # one OCBE pass per view, nothing more
+    assert [tuple(f.shape[-2:]) for f in features.dense] == [tuple(features.dense[0].shape[-2:])]
+    extra = method.loss_plugin(features, batch)
     assert set(extra) == {"ccl_dense", "ccl_global"}
     assert all(torch.isfinite(v) and v > 0 for v in extra.values())
-    (method.training_losses(batch)["loss"] + sum(extra.values())).backward()
+    (own["loss"] + sum(extra.values())).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.model.decoder.parameters())
-    assert method.extra_results() == {"class_labels": {"source": "gt", "num_classes": 4}}
+    assert dm.contrast_label_info == {"source": "gt", "num_classes": 4}
 
 
 def test_gt_labels_on_a_single_class_fail_clearly(make_config, fast_data):
     cfg = make_config(["method=ccl_rd", *LITE0, *fast_data, "data.classes=[disk]"])
-    method, dm = build_components(cfg)
+    _, dm = build_components(cfg)
     dm.setup("fit")
-    with pytest.raises(DataError, match=r"label_source=gt needs at least two object classes.*\['disk'\]"):
-        method.on_fit_start()
+    with pytest.raises(DataError, match=r"at least two classes.*\['disk'\].*label_source=kmeans"):
+        dm.train_dataloader()
 
 
 def test_kmeans_pseudo_labels_recover_the_classes_and_are_cached(make_config, fast_data, cache_dir, two_threads):
     cfg = make_config(["method=ccl_rd", *LITE0, *fast_data, *KMEANS_LITE0])
-    method, dm = build_components(cfg)
-    dm.setup("fit")
-    method.on_fit_start()
-    info = method.extra_results()["class_labels"]
-    assert info["source"] == "kmeans" and info["num_clusters"] == 4 and info["features"] == "tf_efficientnet_lite0"
+    _, dm = build_components(cfg)
+    dm.setup("fit")  # the pseudo labels exist once the data module is set up, before any loader
+    info = dm.contrast_label_info
+    assert info["source"] == "kmeans" and info["num_clusters"] == 4 and "tf_efficientnet_lite0" in info["features"]
     assert info["adjusted_rand_index"] >= 0.9, info
     cached = list((cache_dir / "pseudo_labels").glob("*.npz"))
     assert cached
-    # labels are looked up by sample index; the mixed-class sampler mixes the pseudo classes
-    pseudo = method.ccl._pseudo
-    assert dm.sampler_labels == pseudo.tolist()
-    batch = _first_batch(method, dm)
-    assert torch.equal(method.ccl.batch_labels(batch), pseudo[batch["index"]])
+    # every training sample carries its pseudo label; the mixed-class order mixes the pseudo classes
+    pseudo = dm.train_dataset.contrast_labels
+    assert sorted(set(pseudo.tolist())) == [0, 1, 2, 3]
+    batch = _first_batch(None, dm)
+    assert torch.equal(batch["contrast_label"], torch.as_tensor(pseudo)[batch["index"]])
     # a second run reads the cache (same key) instead of recomputing
     mtimes = [p.stat().st_mtime_ns for p in cached]
-    method2, dm2 = build_components(cfg)
+    _, dm2 = build_components(cfg)
     dm2.setup("fit")
-    method2.on_fit_start()
-    assert torch.equal(method2.ccl._pseudo, pseudo)
+    assert np.array_equal(dm2.train_dataset.contrast_labels, pseudo)
     assert [p.stat().st_mtime_ns for p in cached] == mtimes
+
+
+def test_kmeans_labels_with_a_schedule_on_one_class(make_config, fast_data, tmp_path, two_threads):
+    """Issue 17 item 3: with an LR schedule the loader is built (estimated_stepping_batches) before fit starts.
+
+    The pseudo labels must exist by then; before the fix the sampler mixed by category and this one-class
+    run failed with an error recommending exactly this setting.
+    """
+    cfg = make_config([
+        "method=rd", "loss=ccl", *LITE0, *fast_data, *KMEANS_LITE0, "loss.kmeans_clusters=2",
+        "data.classes=[disk]", "trainer.max_epochs=1", "count_flops=false",
+    ], tmp_path / "run")  # fmt: skip
+    assert cfg.method.scheduler is not None  # RD's step decay: the schedule reads the loader's length
+    results = train(cfg)
+    assert results["class_labels"]["num_clusters"] == 2 and results["class_labels"]["num_classes"] == 1
+    assert min(results["class_labels"]["cluster_sizes"]) > 0  # both pseudo classes are used
 
 
 def test_loader_workers_draw_different_views(make_config, fast_data, two_threads):
@@ -219,7 +242,7 @@ def test_ccl_rd_trains_and_separates_defects_on_synthetic_data(make_config, fast
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["method"] == "ccl_rd" and saved["class_labels"] == {"source": "gt", "num_classes": 4}
     header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0]  # the CSV logger's
-    assert all(f"train/{k}_epoch" in header for k in ("loss", "cos", "dense", "global"))
+    assert all(f"train/{k}_epoch" in header for k in ("loss", "cos", "ccl_dense", "ccl_global"))
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from mcad.train import build_components, train
+from mcad.build import build_components
+from mcad.train import train
 
 PAPER_RECON_PARAMS = 61_425_408  # E-CRR6: ≈ 61.4 M (bottleneck 4.7 M + decoder 56.7 M)
 PAPER_SEG_HEAD_PARAMS = 70_441_778  # E-CRR6: ≈ 70.4 M

@@ -4,7 +4,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from mcad.train import build_components, train
+from mcad.build import build_components
+from mcad.train import train
 
 
 @pytest.mark.parametrize("width, trainable, total", [(64, 55_747_072, 80_609_600), (128, 83_802_624, 108_665_152)])

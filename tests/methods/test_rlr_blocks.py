@@ -365,10 +365,13 @@ def test_rlr_model_on_lite0():
     assert all(not p.requires_grad for p in model.backbone.parameters())
     assert isinstance(model.jitter, FeatureJitter) and model.jitter.scale == 4.0
     images = torch.randn(2, 3, 128, 128)
-    losses, feats, recons, hidden = model.forward_train(images, return_hidden=True)
+    out = model.forward_train(images)
+    losses, feats, recons = out.losses, out.features, out.reconstructions
     assert len(losses) == 2 and all(loss.ndim == 0 for loss in losses)
     assert [r.shape for r in recons] == [f.shape for f in feats]
-    assert [tuple(hd.shape) for hd in hidden] == [(2, 32, 16, 16), (2, 64, 8, 8)]
+    # what a contrastive plug-in reads: each level's trainable input embedding, with gradients
+    embedded = model.input_embeddings(feats)
+    assert [tuple(e.shape) for e in embedded] == [(2, 32, 16, 16), (2, 64, 8, 8)] and embedded[0].requires_grad
     assert not any(f.requires_grad for f in feats)
     sum(losses).backward()
     assert all(p.grad is not None for p in model.decoder.parameters())
@@ -378,10 +381,6 @@ def test_rlr_model_on_lite0():
     assert amap.shape == (2, 1, 16, 16) and torch.isfinite(amap).all() and (amap >= 0).all()
     assert model.anomaly_map(images, size=(128, 128)).shape == (2, 1, 128, 128)
     assert torch.equal(model(images), amap)
-    dense = model.dense_features(images)
-    emb = model.global_embedding(images)
-    assert emb.shape == (2, 32 + 64) and emb.requires_grad
-    torch.testing.assert_close(RLRModel.pool_global(dense), emb)
     # The anomaly map is the level mean of the per-level scores, resized to the finest grid.
     feats = model.extract_features(images)
     with torch.no_grad():

@@ -14,7 +14,8 @@ import torch
 from hydra.utils import instantiate
 
 from mcad.methods.rlr.module import RLRModule
-from mcad.train import build_components, train
+from mcad.build import build_components
+from mcad.train import train
 
 # Small decoder for the runs on CPU (the faithful sizes are checked by the parameter-count test).
 SMALL_DECODER = ["decoder.num_layers=1", "decoder.hidden_base=16", "decoder.num_heads=2", "decoder.ffn_ratio=2"]
@@ -65,7 +66,8 @@ def test_paper_backbones_build_with_expected_shapes_and_counts(make_config, back
         feats = method.model.extract_features(torch.randn(1, 3, 256, 256))
         out = method.anomaly_maps(torch.randn(1, 3, 256, 256))
     assert [tuple(f.shape) for f in feats] == [(1, channels[0], 32, 32), (1, channels[1], 16, 16)]
-    assert out.anomaly_map.shape == (1, 1, 256, 256) and out.segmentation is None
+    assert [tuple(m.shape) for m in out.anomaly_map] == [(1, 1, 32, 32), (1, 1, 16, 16)]
+    assert out.segmentation is None
 
 
 def test_backbone_pools_once_and_decoder_follows_the_input_size(make_config):
@@ -80,16 +82,19 @@ def test_backbone_pools_once_and_decoder_follows_the_input_size(make_config):
     assert [lvl.num_tokens for lvl in method.model.decoder.levels] == [256, 64]
     assert method.model.decoder.hidden_dims == [32, 64]  # the width rule from the strides, base 16
     images = torch.randn(2, 3, 128, 128)
-    # Plug-in hooks (loss=ccl): hidden maps with gradients, their pooled embedding, frozen targets.
-    dense = method.dense_features(images)
-    assert [tuple(d.shape) for d in dense] == [(2, 32, 16, 16), (2, 64, 8, 8)] and dense[0].requires_grad
-    assert method.global_embedding(images).shape == (2, 96)
-    corr = method.correspondence_features(images)
-    assert [c.shape[-2:] for c in corr] == [d.shape[-2:] for d in dense] and not corr[0].requires_grad
+    # The plug-in hook (loss=ccl): one pass per view; input embeddings with gradients, their pooled
+    # embedding, the frozen pooled features for the correspondence.
+    method.train()
+    own, feats = method.contrastive_forward({"image": images, "image_aug": images.flip(-1)})
+    assert set(own) == {"loss", "level0", "level1"}
+    assert [tuple(d.shape) for d in feats.dense] == [(2, 32, 16, 16), (2, 64, 8, 8)] and feats.dense[0].requires_grad
+    assert feats.embedding.shape == (2, 96) and feats.embedding_aug.shape == (2, 96)
+    corr = feats.correspondence_aug
+    assert [c.shape[-2:] for c in corr] == [d.shape[-2:] for d in feats.dense] and not corr[0].requires_grad
     method.eval()
-    assert method.anomaly_maps(images).anomaly_map.shape == (2, 1, 128, 128)
-    method.map_resolution = "finest"
-    assert method.anomaly_maps(images).anomaly_map.shape == (2, 1, 16, 16)
+    # One map per level at its own grid; the protocol upsamples each straight to the evaluation size.
+    levels = method.anomaly_maps(images).anomaly_map
+    assert [tuple(m.shape) for m in levels] == [(2, 1, 16, 16), (2, 1, 8, 8)]
     with pytest.raises(ValueError, match="image-level"):
         RLRModule(method.model.backbone, instantiate(cfg.decoder), instantiate(cfg.method.optimizer),
                   synthesizer=type("Image", (), {"level": "image"})())  # fmt: skip
@@ -99,8 +104,8 @@ def test_backbone_pools_once_and_decoder_follows_the_input_size(make_config):
 def test_manual_optimisation_modes_train(make_config, fast_data, two_threads, optimization):
     cfg = make_config(
         ["method=rlr", "backbone=tf_efficientnet_lite0", *fast_data, "decoder.window_sizes=[5,3]", *SMALL_DECODER,
-         f"method.optimization={optimization}", "trainer.max_epochs=1", "data.synthetic.num_train=4",
-         "data.synthetic.num_test_good=1", "data.synthetic.num_test_defect=1", "data.batch_size=4",
+         f"method.optimization={optimization}", "trainer.max_epochs=1", "data.options.num_train=4",
+         "data.options.num_test_good=1", "data.options.num_test_defect=1", "data.batch_size=4",
          "callbacks=none", "logger=none", "count_flops=false"]
     )  # fmt: skip
     method, datamodule = build_components(cfg)

@@ -79,3 +79,63 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
             assert got["states_restored"]  # local (unsynced) states are back after compute
             locals_.append(got["local"])
         assert sum(locals_) == N + 1  # one padded duplicate was evaluated and dropped
+
+
+ROW = 24 * 24 * 5  # bytes of one stored float32 24x24 map + uint8 mask
+
+
+def spilled_worker(rank, world, init_file, out_dir):
+    from mcad.evaluation import accumulator as accumulator_module
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        _, _, class_ids, _, _ = dataset()
+        # A skewed split: rank 0 holds every sample of class "a" (and a duplicate of one "b" sample), rank 1 the
+        # rest, so that ranks contribute different counts per class, including zero.
+        first_b = int(np.flatnonzero(class_ids == 1)[0])
+        skewed = [np.flatnonzero(class_ids == 0).tolist() + [first_b], np.flatnonzero(class_ids != 0).tolist()]
+        sampler = DistributedSampler(range(N), num_replicas=world, rank=rank, shuffle=True, seed=5)
+        cases = {
+            "budget0": (list(sampler), 0, None),
+            "budget5_blocks3": (list(sampler), 5 * ROW, 3 * ROW),  # memory + disk rows, 3 rows per gather round
+            "skewed_budget0": (skewed[rank], 0, 2 * ROW),
+        }
+        out = {}
+        default_block = accumulator_module._GATHER_BLOCK_BYTES
+        for name, (order, budget, block) in cases.items():
+            accumulator_module._GATHER_BLOCK_BYTES = block or default_block
+            acc = AnomalyMetricAccumulator(CLASSES, memory_budget=budget, spill_dir=out_dir)
+            order = np.asarray(order)
+            scores, labels, class_ids, maps, masks = dataset()
+            for b in range(0, len(order), 4):
+                i = order[b : b + 4]
+                acc.update(
+                    torch.from_numpy(scores[i]),
+                    torch.from_numpy(labels[i]),
+                    torch.from_numpy(class_ids[i]),
+                    torch.from_numpy(i),
+                    torch.from_numpy(maps[i]),
+                    torch.from_numpy(masks[i]),
+                )
+            spilled = acc.spilled
+            result = acc.compute()
+            acc.reset()
+            out[name] = {"result": result, "spilled": spilled, "files_after_reset": acc.spill_files}
+        with open(f"{out_dir}/spilled_rank{rank}.pkl", "wb") as f:
+            pickle.dump(out, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_spilled_equal_one_process(tmp_path):
+    world = 2
+    mp.spawn(spilled_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
+    _, single = evaluate(range(N))  # one process, everything in memory
+    for rank in range(world):
+        with open(tmp_path / f"spilled_rank{rank}.pkl", "rb") as f:
+            got = pickle.load(f)
+        for name, case in got.items():
+            assert case["spilled"], name
+            assert case["result"] == single, name  # bit-identical, every class and metric
+            assert case["files_after_reset"] == 0, name

@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from mcad.callbacks import ChannelsLast
+from mcad.training.callbacks import ChannelsLast
 from mcad.logging import workflow_callbacks
-from mcad.train import build_components
+from mcad.build import build_components
 
 # Small settings per method (Lite0, random weights, 64 px) so that the four build in seconds.
 METHODS = {

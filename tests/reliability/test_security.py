@@ -4,6 +4,7 @@ evaluation from configs or data, and API keys only from the environment."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import io
 import pickle
@@ -19,12 +20,13 @@ from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 from reliability_helpers import REPO_ROOT, TINY, assert_no_results, make_folder_dataset, run_train
 
-import mcad.data.datamodule as datamodule_module
+from mcad.data.datasets import FORMATS, Download
 from mcad.config.validate import ConfigError
 from mcad.data.download import safe_extract
 from mcad.data.io import DataError
 from mcad.models.backbones import WeightsError
-from mcad.train import CheckpointError, train
+from mcad.train import train
+from mcad.utils.checkpoints import CheckpointError
 
 
 class _Exploit:
@@ -61,7 +63,8 @@ def mvtec_archive(tmp_path, monkeypatch):
     make_folder_dataset(tmp_path / "src", classes=("bottle",))
     archive = tmp_path / "served" / "mvtec_anomaly_detection.tar"
     archive.parent.mkdir()
-    monkeypatch.setattr(datamodule_module, "MVTEC_URL", archive.as_uri())
+    served = dataclasses.replace(FORMATS["mvtec"], download=Download(archive.as_uri(), FORMATS["mvtec"].download.sha256))
+    monkeypatch.setitem(FORMATS, "mvtec", served)
     return archive
 
 
@@ -161,7 +164,7 @@ def test_crafted_checkpoint_is_refused_without_running_code(make_config, tmp_pat
     evil = _evil_files(tmp_path / "evil")[fmt]
     extra = ["train=false"] if mode == "evaluate" else []
     run = tmp_path / "run"
-    with pytest.raises(CheckpointError, match=r"Refusing to load checkpoint .*weights_only=True") as info:
+    with pytest.raises(CheckpointError, match=r"Refusing to load .*weights_only=True") as info:
         train(make_config([*TINY, *extra, f"ckpt_path={evil}"], run))
     assert str(evil) in str(info.value)
     assert not (tmp_path / "PWNED").exists()

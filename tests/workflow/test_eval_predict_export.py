@@ -11,10 +11,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from workflow_helpers import compose_entry
 
+from mcad.build import build_components
 from mcad.evaluate import evaluate
 from mcad.export import export, export_onnx, onnx_max_difference
 from mcad.predict import predict
-from mcad.train import build_components
 
 
 def test_eval_reproduces_the_run_and_switches_protocol(tiny_run, tmp_path, cache_dir):

@@ -7,7 +7,9 @@ import math
 import pytest
 from omegaconf import OmegaConf
 
-from mcad.report import build_report, main, mean_std, record_failure
+from mcad.report import main
+from mcad.reporting.tables import build_report, mean_std
+from mcad.runs import record_failure
 
 BASIC = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 METRICS = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO", "mAD")

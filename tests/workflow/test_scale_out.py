@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 from workflow_helpers import REPO, TINY, run_cli
 
-from mcad.report import build_report
+from mcad.reporting.tables import build_report
 
 
 @pytest.mark.slow

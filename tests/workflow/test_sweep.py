@@ -7,8 +7,8 @@ from hydra.core.hydra_config import HydraConfig
 from workflow_helpers import TINY, run_cli
 
 import mcad.train
-from mcad.report import build_report
 from mcad.report import main as report_main
+from mcad.reporting.tables import build_report
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from workflow_helpers import compose_entry
 
+from mcad.config import config_dir
 from mcad.config.validate import validate_config
-from mcad.train import config_dir
 
 CONF = Path(config_dir())
 ABLATIONS = sorted(p.stem for p in (CONF / "experiment").glob("ablation_*.yaml"))

@@ -15,7 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from mcad.train import config_dir
+from mcad.config import config_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,10 +28,10 @@ TINY = [
     "data.eval_batch_size=16",
     "data.num_workers=0",
     "data.classes=[stripes,disk]",
-    "data.synthetic.num_train=8",
-    "data.synthetic.num_test_good=2",
-    "data.synthetic.num_test_defect=2",
-    "data.synthetic.image_size=64",
+    "data.options.num_train=8",
+    "data.options.num_test_good=2",
+    "data.options.num_test_defect=2",
+    "data.options.image_size=64",
     "protocol.eval_size=64",
     "backbone=tf_efficientnet_lite0",
     "backbone.pretrained=false",

@@ -22,7 +22,7 @@ TOP_LEVEL_KEYS = {
     "task_name", "seed", "train", "test", "ckpt_path", "print_table", "optimized_metric",
     "method", "backbone", "decoder", "synthesizer", "loss", "protocol", "data", "trainer",
     "logger", "callbacks", "paths", "extras", "tags", "visualize", "count_flops",
-    "channels_last",
+    "channels_last", "method_name",
 }  # fmt: skip
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 

@@ -1,19 +1,13 @@
-"""Pseudo-class labels for CCL (``ccl.label_source: kmeans``; spec §3.7, §7 A-CCL3, §9 E-CCL3).
+"""Pseudo-class labels for CCL (``loss.label_source=kmeans``; docs/codes.md A-CCL3, E-CCL3).
 
 The first official CCL code (LGC-AD/AD-LGC v1 204b215, ``data/ad_dataset.py::DefaultAD.get_label_dict``,
 commented out there) replaces the category label by a K-means cluster id computed on ImageNet ResNet-18
 global-average-pooled features (512-d; Resize 256 + CenterCrop 256 + ImageNet normalisation) with
 ``KMeans(n_clusters=15, random_state=0)``. We use k = number of classes (E-CCL3) and a fixed ``n_init``.
 
-Typical use::
-
-    backbone = timm.create_model("resnet18", pretrained=True, features_only=True, out_indices=[4])
-    key = cache_key("resnet18.tv_in1k", 256, k, seed, sorted_image_paths)
-    labels = cached_pseudo_labels(
-        cache_dir / f"pseudo_{key[:16]}.npz",
-        lambda: kmeans_pseudo_labels(extract_global_features(backbone, loader), k, seed),
-        key=key,
-    )
+:func:`compute_pseudo_labels` is the whole orchestration (extractor, inputs, k-means, cache, agreement
+with the classes); the data module calls it while it is set up, before any loader exists, whenever a
+:class:`~mcad.data.requests.PseudoLabels` request is present.
 """
 
 from __future__ import annotations
@@ -21,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +23,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mcad.data.io import DataError, load_image
+from mcad.data.requests import PseudoLabels
 from mcad.utils.files import atomic_write
 
 __all__ = [
+    "compute_pseudo_labels",
     "kmeans_pseudo_labels",
     "adjusted_rand_index",
     "extract_global_features",
@@ -168,3 +165,83 @@ def cached_pseudo_labels(
     labels = np.asarray(compute_fn()).astype(np.int64).ravel()
     atomic_write(path, lambda fh: np.savez(fh, labels=labels, key=np.asarray("" if key is None else key)), binary=True)
     return labels
+
+
+def _resize_shorter_and_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """Torchvision's ``Resize(size)`` (shorter side, PIL bilinear) then ``CenterCrop(size)`` on a uint8 image."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    # torchvision keeps the aspect ratio and truncates the longer side's length (int()).
+    new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
+    # CenterCrop rounds the offsets as torchvision does: int(round((dim - size) / 2)).
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return resized[top : top + size, left : left + size]
+
+
+def pseudo_label_batches(
+    image_paths: Sequence[str], size: int, mean: Sequence[float], std: Sequence[float], batch_size: int = 32
+) -> Iterator[Tensor]:
+    """The images, decoded from their files, resized and cropped as the official pseudo-label loader does.
+
+    Yields normalised ``(B, 3, size, size)`` float tensors in file order.
+    """
+    shift = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    scale = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    for start in range(0, len(image_paths), batch_size):
+        chunk = image_paths[start : start + batch_size]
+        arrays = [_resize_shorter_and_crop(load_image(p), size) for p in chunk]
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+        yield (batch - shift) / scale
+
+
+def compute_pseudo_labels(
+    image_paths: Sequence[str],
+    class_ids: Sequence[int],
+    request: PseudoLabels,
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """k-means pseudo classes of the training images, with their agreement with the real classes.
+
+    Args:
+        image_paths: The training images, in dataset order.
+        class_ids: Their class ids (for k = number of classes and the adjusted Rand index).
+        request: Extractor, k and k-means settings, cache folder.
+        device: Where the extractor runs.
+
+    Returns:
+        ``(labels, info)``: ``(N,)`` int64 pseudo classes and a record for ``results.json`` (source, k,
+        extractor, adjusted Rand index, cluster sizes).
+
+    Raises:
+        DataError: k is below 2 (a single pseudo class gives a contrastive loss no negatives).
+    """
+    present = sorted(set(int(c) for c in class_ids))
+    k = request.num_clusters or len(present)
+    if k < 2:
+        raise DataError(
+            f"loss.label_source=kmeans with k = number of classes = {k} gives a single pseudo class; set "
+            "loss.kmeans_clusters=2 or more."
+        )
+    key = cache_key(
+        "ccl-kmeans-v2", request.name, request.input_size, k, request.seed, request.n_init, list(image_paths)
+    )
+
+    def compute() -> np.ndarray:
+        extractor = request.extractor().to(str(device))
+        batches = pseudo_label_batches(image_paths, request.input_size, extractor.mean, extractor.std)
+        features = extract_global_features(extractor, batches, device=device)
+        return kmeans_pseudo_labels(features, k, seed=request.seed, n_init=request.n_init)
+
+    if request.cache_dir is None:
+        labels = np.asarray(compute(), dtype=np.int64)
+    else:
+        path = Path(request.cache_dir).expanduser() / "pseudo_labels" / f"{key[:24]}.npz"
+        labels = cached_pseudo_labels(path, compute, key=key)
+    info = {
+        "source": "kmeans", "num_classes": len(present), "num_clusters": k, "features": request.name,
+        "adjusted_rand_index": adjusted_rand_index(list(class_ids), labels),
+        "cluster_sizes": np.bincount(labels, minlength=k).tolist(),
+    }  # fmt: skip
+    return labels, info

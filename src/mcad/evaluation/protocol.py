@@ -8,6 +8,7 @@ protocol is recorded in every results file.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -20,13 +21,33 @@ BORDERS = ("reflect", "constant")
 
 
 @dataclass
+class AnomalyMaps:
+    """A method's raw output for a batch of images: the one thing evaluation receives from a method.
+
+    Attributes:
+        anomaly_map: ``(B, 1, h, w)`` anomaly scores at any resolution (unbounded), or a list of per-level
+            maps at their own resolutions: the protocol then upsamples every level straight to the
+            evaluation size and averages them, as the official RD, ADer and RLR code do (upsampling a fused
+            coarse map instead is not the same: bilinear after bilinear is not bilinear).
+        segmentation: Optional ``(B, 1, h', w')`` anomaly probability from a segmentation head.
+    """
+
+    anomaly_map: Tensor | list[Tensor]
+    segmentation: Tensor | None = None
+
+
+@dataclass
 class EvalProtocol:
     """Post-processing and scoring rules (defaults: the shared protocol of ``specs/metrics.md``).
 
     Attributes:
         name: Name recorded in results (``mcad``, ``dinomaly``, ``rlr`` ...).
         eval_size: Side of the square evaluation resolution.
+        eval_shape: ``(height, width)`` of a non-square evaluation grid instead (``None``: ``eval_size``
+            square). For non-square data under ``data.geometry=keep_aspect`` / ``tile``, whose evaluated maps
+            and masks are all brought to this one grid (:mod:`mcad.evaluation.stitching`).
         gt_threshold: Masks (bilinear-resized, in [0, 1]) are binarised as ``mask > gt_threshold``.
+        gt_inclusive: Binarise as ``mask >= gt_threshold`` instead (CRR's and Dinomaly's loaders).
         smoothing: ``gaussian`` or ``none``.
         sigma: Gaussian sigma in pixels of the evaluation resolution.
         kernel_size: Gaussian support; ``None`` = scipy's ``gaussian_filter`` default
@@ -44,7 +65,9 @@ class EvalProtocol:
 
     name: str = "mcad"
     eval_size: int = 256
+    eval_shape: tuple[int, int] | None = None
     gt_threshold: float = 0.5
+    gt_inclusive: bool = False
     smoothing: str = "gaussian"
     sigma: float = 4.0
     kernel_size: int | None = None
@@ -56,6 +79,13 @@ class EvalProtocol:
     fpr_limit: float = 0.3
 
     def __post_init__(self) -> None:
+        if self.eval_shape is not None:
+            shape = tuple(int(v) for v in self.eval_shape)
+            if len(shape) != 2:
+                raise ValueError(f"protocol.eval_shape must be [height, width] or null, got {self.eval_shape}.")
+            self.eval_shape = (shape[0], shape[1])
+        if min(self.eval_hw) < 1:
+            raise ValueError(f"protocol.eval_size / eval_shape must be positive, got {self.eval_hw}.")
         if self.smoothing not in SMOOTHING:
             raise ValueError(f"protocol.smoothing must be one of {SMOOTHING}, got '{self.smoothing}'.")
         if self.image_score not in REDUCERS:
@@ -69,9 +99,17 @@ class EvalProtocol:
         if self.kernel_size is not None and self.kernel_size % 2 == 0:
             raise ValueError(f"protocol.kernel_size must be odd, got {self.kernel_size}.")
 
+    @property
+    def eval_hw(self) -> tuple[int, int]:
+        """``(height, width)`` of the evaluation grid."""
+        return self.eval_shape if self.eval_shape is not None else (self.eval_size, self.eval_size)
+
     def to_dict(self) -> dict:
         """Plain dict for results files and loggers."""
-        return asdict(self)
+        out = asdict(self)
+        if self.eval_shape is not None:
+            out["eval_shape"] = list(self.eval_shape)
+        return out
 
     # ------------------------------------------------------------------------------ building blocks
     def gaussian_kernel(self, device: torch.device | None = None) -> Tensor:
@@ -107,41 +145,69 @@ class EvalProtocol:
         return flat.topk(k, dim=1).values.mean(dim=1)
 
     # ------------------------------------------------------------------------------ the pipeline
-    def process(self, anomaly_map: Tensor, segmentation: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def process(
+        self, anomaly_map: Tensor | Sequence[Tensor], segmentation: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Turns a method's raw output into evaluated pixel maps and image scores.
 
         Args:
-            anomaly_map: ``(B, 1, h, w)`` or ``(B, h, w)`` raw map, higher = more anomalous.
+            anomaly_map: ``(B, 1, h, w)`` or ``(B, h, w)`` raw map, higher = more anomalous, or per-level
+                maps, each upsampled straight to ``eval_size`` and then averaged.
             segmentation: Optional ``(B, 1, h', w')`` anomaly probability of a segmentation head.
 
         Returns:
-            ``(pixel_maps, image_scores)``: ``(B, S, S)`` float32 maps at ``eval_size`` (smoothed or
+            ``(pixel_maps, image_scores)``: ``(B, H, W)`` float32 maps at ``eval_size`` (smoothed or
             not, per ``smooth_for_pixel``) and ``(B,)`` scores from the smoothed map.
         """
-        maps = self.upsample(anomaly_map)
-        if segmentation is not None and self.seg_weight > 0:
-            maps = (1.0 - self.seg_weight) * maps + self.seg_weight * self.upsample(segmentation)
+        maps = self.combine(anomaly_map, segmentation)
         smoothed = self.smooth(maps)
         pixel_maps = smoothed if self.smooth_for_pixel else maps
         return pixel_maps, self.reduce(smoothed)
 
-    def upsample(self, maps: Tensor) -> Tensor:
-        """Bilinear (align_corners=True) resize of ``(B, 1, h, w)`` or ``(B, h, w)`` to ``eval_size``."""
+    def combine(
+        self,
+        anomaly_map: Tensor | Sequence[Tensor],
+        segmentation: Tensor | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """Steps 1-2 of :meth:`process`: levels fused and the segmentation mixed in, at ``size`` (default: the grid).
+
+        ``data.geometry=keep_aspect`` / ``tile`` combine at the model input's own pixel grid (``size``) and
+        smooth and score after cutting away the padding or stitching the tiles.
+        """
+        maps = self.fuse(anomaly_map, size)
+        if segmentation is not None and self.seg_weight > 0:
+            maps = (1.0 - self.seg_weight) * maps + self.seg_weight * self.upsample(segmentation, size)
+        return maps
+
+    def fuse(self, levels: Tensor | Sequence[Tensor], size: tuple[int, int] | None = None) -> Tensor:
+        """``(B, H, W)`` mean of per-level maps, each upsampled straight to ``size`` (default ``eval_size``)."""
+        if isinstance(levels, Tensor):
+            return self.upsample(levels, size)
+        if not levels:
+            raise ValueError("A method returned an empty list of anomaly maps.")
+        return torch.stack([self.upsample(level, size) for level in levels]).mean(dim=0)
+
+    def upsample(self, maps: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """Bilinear (align_corners=True) resize of ``(B, 1, h, w)`` or ``(B, h, w)`` to ``size`` (default: the grid)."""
         if maps.dim() == 3:
             maps = maps.unsqueeze(1)
         maps = maps.float()
-        if maps.shape[-2:] != (self.eval_size, self.eval_size):
-            maps = F.interpolate(maps, size=(self.eval_size, self.eval_size), mode="bilinear", align_corners=True)
+        size = tuple(size) if size is not None else self.eval_hw
+        if tuple(maps.shape[-2:]) != size:
+            maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=True)
         return maps.squeeze(1)
 
     def binarize_masks(self, masks: Tensor) -> Tensor:
-        """``(B, 1, H, W)`` masks in [0, 1] -> ``(B, S, S)`` uint8 {0, 1}: bilinear resize, then ``> gt_threshold``."""
+        """``(B, 1, h, w)`` masks in [0, 1] -> ``(B, H, W)`` uint8 {0, 1} on the grid: bilinear resize, threshold."""
         if masks.dim() == 3:
             masks = masks.unsqueeze(1)
         masks = masks.float()
-        if masks.shape[-2:] != (self.eval_size, self.eval_size):
-            masks = F.interpolate(masks, size=(self.eval_size, self.eval_size), mode="bilinear", align_corners=False)
-        return (masks.squeeze(1) > self.gt_threshold).to(torch.uint8)
+        if tuple(masks.shape[-2:]) != self.eval_hw:
+            masks = F.interpolate(masks, size=self.eval_hw, mode="bilinear", align_corners=False)
+        masks = masks.squeeze(1)
+        binary = masks >= self.gt_threshold if self.gt_inclusive else masks > self.gt_threshold
+        return binary.to(torch.uint8)
 
 
 def _pad_1d(x: Tensor, radius: int, dim: int, border: str) -> Tensor:

@@ -10,14 +10,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mcad.utils.files import atomic_write
+from mcad.utils.files import atomic_write_text
 
 METRIC_COLUMNS = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO", "mAD")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Writes ``text`` atomically (see :func:`mcad.utils.files.atomic_write`)."""
-    atomic_write(path, lambda fh: fh.write(text))
 
 
 def _rows(per_class: Mapping[str, Mapping[str, float]], mean: Mapping[str, float]) -> list[tuple[str, dict]]:

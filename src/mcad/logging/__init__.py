@@ -2,19 +2,24 @@
 
 * :class:`~mcad.logging.visualize.AnomalyMapVisualizer` (``visualize=true`` or ``callbacks=visualize``);
 * :class:`~mcad.logging.wandb_panels.WandbPanels` (added whenever a W&B logger is configured);
+* :class:`~mcad.logging.curves.CurveRecorder` (``callbacks=default``): ROC / PRO points into ``curves.json``;
+* :func:`write_run_page`: the run's self-contained ``report.html`` (:mod:`mcad.reporting.html`);
 * :func:`workflow_callbacks`, :func:`logger_settings`, :func:`publish_results`: the hooks
   :mod:`mcad.train` calls.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-__all__ = ["finish_wandb", "logger_settings", "publish_results", "workflow_callbacks"]
+__all__ = ["finish_wandb", "logger_settings", "publish_results", "workflow_callbacks", "write_run_page"]
+
+log = logging.getLogger(__name__)
 
 
 def workflow_callbacks(cfg: DictConfig, callbacks: list) -> list:
@@ -24,11 +29,11 @@ def workflow_callbacks(cfg: DictConfig, callbacks: list) -> list:
       ``<output_dir>/visualizations`` (unless the callbacks group already has one, e.g. ``callbacks=visualize``
       with its own settings);
     * a W&B logger: :class:`~mcad.logging.wandb_panels.WandbPanels` (unless already present);
-    * ``channels_last=true``: :class:`~mcad.callbacks.ChannelsLast` (unless already present).
+    * ``channels_last=true``: :class:`~mcad.training.callbacks.ChannelsLast` (unless already present).
     """
-    from mcad.callbacks import ChannelsLast
     from mcad.logging.visualize import AnomalyMapVisualizer
     from mcad.logging.wandb_panels import WandbPanels, is_wandb_node
+    from mcad.training.callbacks import ChannelsLast
 
     extra: list = []
     if cfg.get("visualize") and not any(isinstance(cb, AnomalyMapVisualizer) for cb in callbacks):
@@ -61,3 +66,17 @@ def finish_wandb(exit_code: int = 0) -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish(exit_code=exit_code)
+
+
+def write_run_page(output_dir: str | Path) -> Path | None:
+    """Writes ``<output_dir>/report.html`` (tables, curves, overlays; no network needed to open it).
+
+    The page is a convenience: a failure to draw it is logged and never loses a finished run.
+    """
+    from mcad.reporting.html import write_run_html
+
+    try:
+        return write_run_html(output_dir)
+    except Exception as err:  # noqa: BLE001 - the results files are already written
+        log.warning("report.html not written: %s", err)
+        return None

@@ -9,6 +9,11 @@ class and kind), so memory does not grow with the test set. Selections:
 * ``first``: per class the first normal and anomalous images in test-set order (a fixed set, the same for
   every method and run on the same data);
 * ``chosen``: images whose path contains one of the given strings (e.g. ``bottle/test/broken_large/000``).
+
+Each kept image holds its arrays on the evaluation grid (``image``, ``gt_mask``, ``anomaly_map``: what the
+metrics saw; the image cut to the window the map covers, i.e. without ``keep_aspect`` padding) and, when
+the test step provides them, what is needed to draw it at its own resolution
+(:meth:`Sample.native`): its content map, the input window it covers and its placement.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mcad.data.geometry import Placement, to_native
+from mcad.data.io import load_image, load_mask
 from mcad.logging.render import denormalize
 
 SELECTIONS = ("worst", "top", "first", "chosen")
@@ -42,6 +49,10 @@ class Sample:
     image: np.ndarray
     gt_mask: np.ndarray
     anomaly_map: np.ndarray
+    content_map: np.ndarray | None = None
+    window: tuple[int, int, int, int] | None = None
+    placement: Placement | None = None
+    mask_path: str = ""
 
     @property
     def kind(self) -> str:
@@ -55,6 +66,20 @@ class Sample:
     def stem(self) -> str:
         """A file-name stem naming the image (defect folder and file name)."""
         return f"{self.defect_type}_{Path(self.path).stem}".replace("/", "_")
+
+    def native(self, fill: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """``(image, gt_mask, anomaly_map)`` at the image file's own resolution, or ``None`` if unknown.
+
+        The image and the ground truth are decoded from their files; the map is the content map brought
+        back by the inverse input transform (:func:`mcad.data.geometry.to_native`; ``fill`` for pixels a
+        centre crop hid from the model, default the map's minimum).
+        """
+        if self.content_map is None or self.window is None or self.placement is None:
+            return None
+        amap = to_native(self.content_map, self.window, self.placement, fill)
+        image = load_image(self.path)
+        gt = (load_mask(self.mask_path) > 0).astype(np.uint8) if self.mask_path else np.zeros(amap.shape, np.uint8)
+        return image, gt, amap
 
 
 class MapCollector:
@@ -118,7 +143,10 @@ class MapCollector:
         maps = outputs["anomaly_map"].detach().float().cpu()
         masks = outputs["gt_mask"].detach().cpu()
         scores = outputs["score"].detach().double().cpu()
-        size = maps.shape[-1]
+        size = tuple(maps.shape[-2:])
+        windows = outputs.get("window")
+        content = outputs.get("content_map")
+        placements = batch.get("placement")
         for i in range(maps.shape[0]):
             cls = str(batch["class_name"][i])
             label = int(batch["label"][i])
@@ -138,6 +166,10 @@ class MapCollector:
             heap = self._heaps[(cls, bucket)]
             if len(heap) >= limit and priority <= heap[0][0]:
                 continue
+            window = tuple(int(v) for v in windows[i].tolist()) if windows is not None else None
+            image = batch["image"][i]
+            if window is not None:  # the part of the input the map covers (no keep_aspect padding)
+                image = image[:, window[0] : window[1], window[2] : window[3]]
             sample = Sample(
                 index=index,
                 path=path,
@@ -145,9 +177,13 @@ class MapCollector:
                 label=label,
                 defect_type=str(batch.get("defect_type", ["?"] * maps.shape[0])[i]),
                 score=score,
-                image=denormalize(batch["image"][i], mean, std, size),
+                image=denormalize(image, mean, std, size),
                 gt_mask=masks[i].numpy().astype(np.uint8),
                 anomaly_map=amap.numpy().copy(),
+                content_map=content[i].detach().float().cpu().numpy().copy() if content is not None else None,
+                window=window,
+                placement=Placement.from_tensor(placements[i]) if placements is not None else None,
+                mask_path=str(batch.get("mask_path", [""] * maps.shape[0])[i]),
             )
             entry = (priority, next(self._counter), sample)
             if len(heap) < limit:

@@ -1,66 +1,156 @@
-"""ROC and PRO curve points for plots, from the exact rank statistics of :mod:`mcad.metrics`.
+"""ROC and PRO curve points of a test loop: for the W&B panels and for ``<run>/curves.json``.
 
-The metric engine already computes, at every distinct positive score, how many positives and negatives
-score at or above it (:class:`~mcad.metrics._ranking.RankStats`); the curves are those counts divided by the
-totals, with the same tie handling as the metrics (a tie group enters as one diagonal step). Only the
-number of drawn points is reduced (evenly spaced along the curve, ends kept): the metrics in the results
-files never come from these points.
+* :func:`roc_curve_points`, :func:`pro_curve_points`: plot points as lists (:mod:`mcad.metrics`' exact
+  curves, thinned for drawing);
+* :class:`CurveRecorder`: a callback that collects, for any method, what the points need during testing
+  and computes the per-class points that :func:`~mcad.evaluation.curves.write_curves` stores (the file's
+  format and reader are in :mod:`mcad.evaluation.curves`, re-exported here).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import lightning as L
 import numpy as np
+import torch
 
-from mcad.metrics._ranking import rank_stats, region_weights
+from mcad.evaluation.curves import (
+    CURVE_KINDS,
+    CURVES_FILE,
+    CURVES_FORMAT,
+    MAX_POINTS,
+    Points,
+    class_curve_points,
+    read_curves,
+    write_curves,
+)
+from mcad.metrics import pro_points, roc_points
+
+__all__ = [
+    "CURVES_FILE",
+    "CURVES_FORMAT",
+    "CURVE_KINDS",
+    "MAX_POINTS",
+    "CurveRecorder",
+    "class_curve_points",
+    "pro_curve_points",
+    "read_curves",
+    "roc_curve_points",
+    "write_curves",
+]
 
 
-def _thin(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[list[float], list[float]]:
-    if x.size > max_points:
-        keep = np.unique(np.linspace(0, x.size - 1, max_points).round().astype(np.int64))
-        x, y = x[keep], y[keep]
-    return x.tolist(), y.tolist()
-
-
-def _steps(fp_strict: np.ndarray, fp: np.ndarray, before: np.ndarray, after: np.ndarray, n_neg: int):
-    """Interleaves each tie group's start ``(FPR(>u), y before)`` and end ``(FPR(>=u), y after)``."""
-    x = np.empty(2 * fp.size + 2)
-    y = np.empty_like(x)
-    x[0], y[0] = 0.0, 0.0
-    x[1:-1:2], y[1:-1:2] = fp_strict / n_neg, before
-    x[2:-1:2], y[2:-1:2] = fp / n_neg, after
-    x[-1], y[-1] = 1.0, 1.0
-    return x, y
-
-
-def roc_curve_points(scores: np.ndarray, labels: np.ndarray, max_points: int = 200) -> tuple[list, list] | None:
-    """``(fpr, tpr)`` of the ROC curve of any scores, or ``None`` if one class is absent."""
-    scores = np.ascontiguousarray(np.asarray(scores, dtype=np.float64).reshape(-1))
-    labels = np.asarray(labels).reshape(-1) != 0
-    stats = rank_stats(scores, np.flatnonzero(labels))
-    if stats.n_pos == 0 or stats.n_neg == 0:
-        return None
-    tpr = stats.tp / stats.n_pos
-    x, y = _steps(stats.fp_strict, stats.fp, np.concatenate(([0.0], tpr[:-1])), tpr, stats.n_neg)
-    return _thin(x, y, max_points)
+def roc_curve_points(scores: np.ndarray, labels: np.ndarray, max_points: int = MAX_POINTS) -> tuple[list, list] | None:
+    """``(fpr, tpr)`` lists of the ROC curve of any scores, or ``None`` if one class is absent."""
+    points = roc_points(scores, labels, max_points)
+    return None if points is None else (points[0].tolist(), points[1].tolist())
 
 
 def pro_curve_points(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3,
-                     max_points: int = 200) -> tuple[list, list] | None:  # fmt: skip
-    """``(fpr, pro)`` of the per-region-overlap curve up to ``fpr_limit``, or ``None`` without regions.
+                     max_points: int = MAX_POINTS) -> tuple[list, list] | None:  # fmt: skip
+    """``(fpr, pro)`` lists of the per-region-overlap curve up to ``fpr_limit``, or ``None`` without regions.
 
     Args:
         maps: ``(N, H, W)`` evaluated maps.
         masks: ``(N, H, W)`` binary ground truth.
-        fpr_limit: Last drawn FPR (the AUPRO integration limit).
+        fpr_limit: Last FPR of the curve (the AUPRO integration limit).
         max_points: Points kept for drawing.
     """
-    maps = np.ascontiguousarray(np.asarray(maps, dtype=np.float32))
-    masks = np.ascontiguousarray((np.asarray(masks) != 0).astype(np.uint8))
-    weights, n_regions = region_weights(masks)
-    stats = rank_stats(maps.reshape(-1), np.flatnonzero(masks.reshape(-1)), weights)
-    if n_regions == 0 or stats.n_neg == 0 or stats.weights is None:
-        return None
-    cum = np.cumsum(stats.weights) / n_regions
-    x, y = _steps(stats.fp_strict, stats.fp, np.concatenate(([0.0], cum[:-1])), cum, stats.n_neg)
-    inside = x <= fpr_limit
-    return _thin(x[inside], y[inside], max_points)
+    points = pro_points(maps, masks, fpr_limit, max_points)
+    return None if points is None else (points[0].tolist(), points[1].tolist())
+
+
+class CurveRecorder(L.Callback):
+    """Collects the test loop's scores (and subsampled maps) and computes the per-class curve points.
+
+    Method-independent: it reads only what every method's ``test_step`` returns (``score``, and
+    ``anomaly_map`` / ``gt_mask`` at the evaluation size) and the batch's ``label``, ``class_name`` and
+    ``index``. After testing, :attr:`points` holds ``{class: {kind: (x, y)}}`` for :func:`write_curves`.
+
+    Args:
+        pixel_stride: Pixel ROC / PRO curves from every ``pixel_stride``-th row and column of the maps (a
+            uniform subsample: 1/16 of the memory at 4; 1 keeps every pixel, i.e. the exact pixel curves);
+            ``None`` records the image ROC only.
+        max_points: Points kept per curve.
+        output_dir: If given, :func:`write_curves` writes ``curves.json`` there at the end of testing.
+
+    Under DDP the samples of all processes are gathered (duplicates a distributed sampler added are
+    dropped by test-set index), so the curves are those of the whole test set.
+    """
+
+    def __init__(self, pixel_stride: int | None = 4, max_points: int = MAX_POINTS, output_dir: str | None = None):
+        self.pixel_stride = None if pixel_stride is None else max(1, int(pixel_stride))
+        self.max_points = int(max_points)
+        self.output_dir = output_dir
+        self.fpr_limit = 0.3
+        self.points: dict[str, dict[str, Points]] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self._classes: list[str] = []
+        self._indices: list[np.ndarray] = []
+        self._scores: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+        self._maps: list[np.ndarray] = []
+        self._masks: list[np.ndarray] = []
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reset()
+        self.points = {}
+        self.fpr_limit = float(getattr(getattr(pl_module, "protocol", None), "fpr_limit", 0.3))
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:  # fmt: skip
+        if not outputs or "score" not in outputs:
+            return
+        scores = outputs["score"].detach().double().cpu().numpy().reshape(-1)
+        self._scores.append(scores)
+        self._labels.append(np.asarray(torch.as_tensor(batch["label"]).cpu()).reshape(-1).astype(np.uint8))
+        self._classes += [str(c) for c in batch["class_name"]]
+        index = batch.get("index")
+        self._indices.append(np.asarray(torch.as_tensor(index).cpu()).reshape(-1) if index is not None else
+                             np.full(scores.size, -1, dtype=np.int64))  # fmt: skip
+        if self.pixel_stride is not None and "anomaly_map" in outputs and "gt_mask" in outputs:
+            s = self.pixel_stride
+            maps, masks = outputs["anomaly_map"].detach(), outputs["gt_mask"].detach()
+            if maps.ndim == 4:  # (B, 1, H, W)
+                maps, masks = maps[:, 0], masks[:, 0]
+            # A copy: a strided view would keep every batch's full-resolution maps alive.
+            self._maps.append(maps[:, ::s, ::s].float().cpu().numpy().copy())
+            self._masks.append(masks[:, ::s, ::s].cpu().numpy().astype(np.uint8))
+
+    def _gathered(self, trainer: L.Trainer) -> tuple[list, ...] | None:
+        """Every process's samples on global rank 0 (``None`` elsewhere)."""
+        local = (self._classes, self._indices, self._scores, self._labels, self._maps, self._masks)
+        if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return local
+        # Scores are a few numbers per image and the maps are subsampled: object gathering is cheap enough.
+        parts: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(parts, local)
+        if not trainer.is_global_zero:
+            return None
+        return tuple([item for part in parts for item in part[k]] for k in range(len(local)))
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        gathered = self._gathered(trainer)
+        self._reset()
+        if gathered is None or not gathered[2]:
+            return
+        classes, indices, scores, labels, maps, masks = gathered
+        names, index = np.asarray(classes), np.concatenate(indices)
+        scores, labels = np.concatenate(scores), np.concatenate(labels)
+        pixel = bool(maps) and sum(m.shape[0] for m in maps) == names.size
+        maps_all = np.concatenate(maps) if pixel else None
+        masks_all = np.concatenate(masks) if pixel else None
+        if (index >= 0).all():
+            # First occurrence of each test-set index, in test-set order (as the metric accumulator does).
+            _, keep = np.unique(index, return_index=True)
+            names, scores, labels = names[keep], scores[keep], labels[keep]
+            if pixel:
+                maps_all, masks_all = maps_all[keep], masks_all[keep]
+        self.points = class_curve_points(names, scores, labels, maps_all, masks_all, self.fpr_limit, self.max_points)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.output_dir and self.points and trainer.is_global_zero:
+            write_curves(self.output_dir, self.points, self.fpr_limit, self.pixel_stride, self.max_points)

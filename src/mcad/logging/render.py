@@ -1,7 +1,8 @@
 """Drawing anomaly maps: denormalised images, heat maps, ground-truth and thresholded overlays (NumPy + OpenCV).
 
 All images are RGB ``uint8`` ``(H, W, 3)`` arrays; maps are float ``(H, W)`` evaluated maps (the protocol's
-output, at its ``eval_size``). Colours: the heat map is OpenCV's JET map (blue = low, red = high) scaled to
+output on its evaluation grid, or brought back to the image's own resolution by
+:func:`mcad.data.geometry.to_native`). Colours: the heat map is OpenCV's JET map (blue = low, red = high) scaled to
 a caller-given range, ground truth is drawn in green, predicted regions in red.
 """
 
@@ -19,15 +20,24 @@ PRED_COLOUR = (255, 0, 0)
 
 
 def denormalize(
-    image: torch.Tensor, mean: Sequence[float], std: Sequence[float], size: int | None = None
+    image: torch.Tensor, mean: Sequence[float], std: Sequence[float], size: int | Sequence[int] | None = None
 ) -> np.ndarray:
-    """A normalised ``(3, H, W)`` tensor back to an RGB ``uint8`` array, optionally resized to ``size``."""
+    """A normalised ``(3, H, W)`` tensor back to an RGB ``uint8`` array, optionally resized.
+
+    Args:
+        image: The normalised image.
+        mean: Normalisation mean.
+        std: Normalisation std.
+        size: Side of a square output, or ``(height, width)``; ``None`` keeps the size.
+    """
     x = image.detach().float().cpu()
     x = x * torch.tensor(std, dtype=x.dtype).view(3, 1, 1) + torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
     array = (x.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
-    if size is not None and array.shape[:2] != (size, size):
-        shrink = array.shape[0] > size
-        array = cv2.resize(array, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    if size is not None:
+        h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        if array.shape[:2] != (h, w):
+            shrink = array.shape[0] > h or array.shape[1] > w
+            array = cv2.resize(array, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
     return np.ascontiguousarray(array)
 
 
@@ -87,7 +97,7 @@ def panel(
         caption: Text of a caption line above the tiles.
     """
     size = anomaly_map.shape[0]
-    bar = max(14, size // 14)
+    bar = max(14, min(size, 512) // 14)
     gt = np.zeros_like(image) if gt_mask is None else np.repeat((gt_mask > 0)[..., None] * 255, 3, axis=2)
     gt = gt.astype(np.uint8)
     heat = blend(image, heat_map(anomaly_map, low, high))

@@ -2,7 +2,12 @@
 
 For each class, a few test images (the worst-scored by default, or chosen ones) are written as one PNG each
 into ``<run>/visualizations/<class>/``: image | ground truth | anomaly-map heat map | thresholded map. An
-``index.csv`` beside them lists image, label, score and threshold per file.
+``index.csv`` beside them lists image, label, score, threshold and the height and width of the tiles per file.
+
+Resolution (``resolution``): ``native`` (default) draws every tile at the image file's own resolution and
+aspect: the image and its ground truth decoded from their files, the map brought back with the inverse of
+the input transform (:func:`mcad.data.geometry.to_native`: crop, padding and resize of ``data.geometry``
+undone); ``eval`` draws the arrays the metrics saw, on the protocol's evaluation grid.
 
 Scale and threshold, per class (the evaluated maps of different classes live on different scales):
 
@@ -23,12 +28,13 @@ from typing import Any
 
 import lightning as L
 
-from mcad.evaluation.results import atomic_write_text
 from mcad.logging.collect import MapCollector
 from mcad.logging.render import panel, write_png
+from mcad.utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
+RESOLUTIONS = ("native", "eval")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -53,6 +59,7 @@ class AnomalyMapVisualizer(L.Callback):
             override ``select``.
         threshold: Fixed map threshold of the last tile; ``None`` = per class, the highest map value of its
             normal test images.
+        resolution: ``native`` (each image's own size) or ``eval`` (the evaluation grid).
 
     Under DDP each process sees only its share of the test set; the files come from global rank 0's share.
     """
@@ -64,7 +71,11 @@ class AnomalyMapVisualizer(L.Callback):
         num_per_class: int = 4,
         images: list[str] | None = None,
         threshold: float | None = None,
+        resolution: str = "native",
     ) -> None:
+        if resolution not in RESOLUTIONS:
+            raise ValueError(f"resolution must be one of {RESOLUTIONS}, got '{resolution}'.")
+        self.resolution = resolution
         self.output_dir = Path(output_dir)
         anomalous = (num_per_class + 1) // 2
         self.collector = MapCollector(
@@ -89,18 +100,20 @@ class AnomalyMapVisualizer(L.Callback):
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        rows = [["file", "class", "path", "label", "defect_type", "score", "threshold"]]
+        rows = [["file", "class", "path", "label", "defect_type", "score", "threshold", "height", "width"]]
         for cls in self.collector.classes():
             low, high = self.collector.value_range(cls)
             threshold = self.threshold if self.threshold is not None else self.collector.normal_threshold(cls)
             for rank, sample in enumerate(self.collector.samples(cls)):
-                image = panel(sample.image, sample.gt_mask, sample.anomaly_map, low, high, threshold, sample.caption())
+                drawn = sample.native(fill=low) if self.resolution == "native" else None
+                picture, gt, amap = drawn or (sample.image, sample.gt_mask, sample.anomaly_map)
+                image = panel(picture, gt, amap, low, high, threshold, sample.caption())
                 path = self.output_dir / cls / f"{rank:02d}_{sample.kind}_{sample.stem()}.png"
                 write_png(path, image)
                 self.written.append(path)
                 shown = "" if threshold is None else f"{threshold:.6g}"
                 rows.append([str(path.relative_to(self.output_dir)), cls, sample.path, sample.label,
-                             sample.defect_type, f"{sample.score:.6g}", shown])  # fmt: skip
+                             sample.defect_type, f"{sample.score:.6g}", shown, *amap.shape[:2]])  # fmt: skip
         if self.written:
             buf = io.StringIO()
             csv.writer(buf, lineterminator="\n").writerows(rows)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -24,19 +23,6 @@ def global_cosine_loss(targets: Sequence[Tensor], preds: Sequence[Tensor]) -> Te
 def cosine_distance_map(target: Tensor, pred: Tensor) -> Tensor:
     """Per-pixel ``1 - cos`` over channels: ``(B, C, h, w)`` pair -> ``(B, 1, h, w)``."""
     return (1.0 - F.cosine_similarity(target, pred, dim=1)).unsqueeze(1)
-
-
-def fused_cosine_map(targets: Sequence[Tensor], preds: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
-    """Mean over levels of the per-pixel cosine distance, each upsampled to ``size``.
-
-    Bilinear with align_corners=True. ADer averages the levels; RD4AD sums them (a constant factor
-    that changes no metric).
-    """
-    maps = [
-        F.interpolate(cosine_distance_map(t, s), size=size, mode="bilinear", align_corners=True)
-        for t, s in zip(targets, preds)
-    ]
-    return torch.stack(maps, dim=0).mean(dim=0)
 
 
 class GlobalCosineLoss(nn.Module):

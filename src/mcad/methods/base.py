@@ -1,10 +1,13 @@
 """The base LightningModule of every method: the shared test path and training-step plumbing.
 
-A method implements two things:
+A method implements:
 
 * ``training_losses(batch) -> dict`` with a ``loss`` entry (or its own ``training_step`` under
   manual optimisation, calling :meth:`AnomalyModule.check_losses` and :meth:`log_losses`);
-* ``anomaly_maps(images) -> AnomalyMaps``: raw maps, higher = more anomalous.
+* ``anomaly_maps(images) -> AnomalyMaps``: raw maps, higher = more anomalous (the one inference entry);
+* optionally ``contrastive_forward(batch)`` (:class:`~mcad.methods.plugins.base.ContrastiveMethod`), so
+  that loss plug-ins such as CCL can be attached, and ``data_request()`` for what it needs from the data
+  layer beyond plain images (a synthesizer).
 
 Everything after the maps (upsampling, fusion with a segmentation map, smoothing, image scores,
 ground-truth binarisation, per-class metric accumulation, logging) happens here, identically for
@@ -15,56 +18,21 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
-from mcad.evaluation.protocol import EvalProtocol
+from mcad.data.requests import DataRequest
+from mcad.evaluation.protocol import AnomalyMaps, EvalProtocol
+from mcad.evaluation.stitching import evaluate_batch
+from mcad.methods.plugins.base import Batch, ContrastiveMethod, LossPlugin
+
+__all__ = ["AnomalyMaps", "AnomalyModule", "NonFiniteLossError"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AnomalyMaps:
-    """A method's raw output for a batch of images.
-
-    Attributes:
-        anomaly_map: ``(B, 1, h, w)`` anomaly scores at any resolution (unbounded).
-        segmentation: Optional ``(B, 1, h', w')`` anomaly probability from a segmentation head.
-    """
-
-    anomaly_map: Tensor
-    segmentation: Tensor | None = None
-
-
-class LossPlugin(nn.Module):
-    """A loss that adds terms to any method's own objective (``loss=ccl`` on RD, RLR or CRR).
-
-    A method receives it through its ``loss`` argument; the base class keeps it apart from the
-    method's reconstruction loss and adds its terms in :meth:`AnomalyModule.training_step`. A plug-in
-    reads what it needs through the method's feature hooks (:meth:`AnomalyModule.dense_features`,
-    :meth:`AnomalyModule.global_embedding`) and may ask the data layer for extra inputs.
-    """
-
-    def configure_datamodule(self, datamodule: Any) -> None:
-        """Asks the data layer for what the plug-in needs (extra views, a sampler...)."""
-
-    def setup(self, method: AnomalyModule) -> None:
-        """One-off preparation at the start of training, e.g. checking the classes or computing pseudo labels.
-
-        Called by :meth:`AnomalyModule.on_fit_start`: the data module is set up, loaders are not built yet.
-        """
-
-    def extra_results(self) -> dict[str, Any]:
-        """Entries the plug-in adds to ``results.json`` (e.g. how well pseudo labels match the classes)."""
-        return {}
-
-    def forward(self, method: AnomalyModule, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """Extra loss terms for a training batch (each is added to the total)."""
-        raise NotImplementedError
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -77,8 +45,9 @@ class AnomalyModule(L.LightningModule):
     Args:
         protocol: Evaluation protocol (dataclass or its fields as a mapping).
         on_nonfinite: ``raise`` (stop with the step and the batch's paths) or ``skip`` the batch.
-        loss: The method's loss module from the ``loss`` config group, or a :class:`LossPlugin`
-            (then ``default_loss`` builds the method's own loss and the plug-in adds its terms).
+        loss: The method's loss module from the ``loss`` config group, or a
+            :class:`~mcad.methods.plugins.base.LossPlugin` (then ``default_loss`` builds the method's own loss
+            and the plug-in adds its terms; the method must implement ``contrastive_forward``).
         default_loss: Builds the method's own loss when ``loss`` is ``None`` or a plug-in.
     """
 
@@ -87,10 +56,15 @@ class AnomalyModule(L.LightningModule):
         protocol: EvalProtocol | dict | None = None,
         on_nonfinite: str = "raise",
         loss: nn.Module | None = None,
-        default_loss: Any = None,
+        default_loss: Callable[[], Any] | None = None,
     ) -> None:
         super().__init__()
         self.loss_plugin: LossPlugin | None = loss if isinstance(loss, LossPlugin) else None
+        if self.loss_plugin is not None and not isinstance(self, ContrastiveMethod):
+            raise TypeError(
+                f"{type(self).__name__} does not offer contrastive features (contrastive_forward), so the loss "
+                f"plug-in {type(loss).__name__} cannot be attached to it."
+            )
         if isinstance(loss, LossPlugin) or loss is None:
             loss = default_loss() if default_loss is not None else None
         self.loss_fn = loss
@@ -109,46 +83,19 @@ class AnomalyModule(L.LightningModule):
         """Raw anomaly maps of a batch (subclasses implement)."""
         raise NotImplementedError
 
-    def training_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+    def training_losses(self, batch: Batch) -> dict[str, Tensor]:
         """Losses of a training batch with the total under ``loss`` (subclasses implement)."""
         raise NotImplementedError
 
-    def dense_features(self, images: Tensor) -> list[Tensor]:
-        """Learned dense features ``[(B, C_i, h_i, w_i), ...]`` of a batch, with gradients.
+    def data_request(self) -> DataRequest:
+        """What the method and its loss plug-in need from the data layer (merged; see :mod:`mcad.data.requests`).
 
-        Used by loss plug-ins such as CCL's dense term.
+        Methods that need more (CRR: its synthesizer) extend this.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not expose dense features.")
-
-    def global_embedding(self, images: Tensor) -> Tensor:
-        """A ``(B, D)`` global embedding of a batch, with gradients (CCL's global term)."""
-        raise NotImplementedError(f"{type(self).__name__} does not expose a global embedding.")
-
-    def correspondence_features(self, images: Tensor) -> list[Tensor] | None:
-        """Frozen dense features matching :meth:`dense_features` level by level, or ``None``.
-
-        They are used to match locations between two views (CCL's dense term: a teacher's maps, at the
-        resolutions of the dense features); ``None`` (default) lets the plug-in match on the dense
-        features themselves.
-        """
-        return None
-
-    def configure_datamodule(self, datamodule: Any) -> None:
-        """Lets the method and its loss plug-in ask the data layer for extra inputs."""
-        if self.loss_plugin is not None:
-            self.loss_plugin.configure_datamodule(datamodule)
-
-    def on_fit_start(self) -> None:
-        """Runs the loss plug-in's one-off preparation (subclasses overriding this call ``super()``)."""
-        if self.loss_plugin is not None:
-            self.loss_plugin.setup(self)
-
-    def extra_results(self) -> dict[str, Any]:
-        """Method- or plug-in-specific entries that the training entry point adds to ``results.json``."""
-        return self.loss_plugin.extra_results() if self.loss_plugin is not None else {}
+        return self.loss_plugin.data_request() if self.loss_plugin is not None else DataRequest()
 
     # ---------------------------------------------------------------------------- training plumbing
-    def check_losses(self, losses: dict[str, Tensor], batch: dict[str, Any]) -> bool:
+    def check_losses(self, losses: dict[str, Tensor], batch: Batch) -> bool:
         """Checks that every loss is finite.
 
         Returns:
@@ -176,11 +123,22 @@ class AnomalyModule(L.LightningModule):
             self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=True, prog_bar=name == "loss",
                      batch_size=batch_size)  # fmt: skip
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        """Computes, checks and logs the losses; returns the total (``None`` skips the batch)."""
-        losses = self.training_losses(batch)
-        if self.loss_plugin is not None:
-            extra = self.loss_plugin(self, batch)
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
+        """Computes, checks and logs the losses; returns the total (``None`` skips the batch).
+
+        With a loss plug-in, the method's one-pass hook gives its own losses and the plug-in's features.
+        """
+        if self.loss_plugin is None:
+            losses = self.training_losses(batch)
+        else:
+            assert isinstance(self, ContrastiveMethod)
+            if "image_aug" not in batch:
+                raise RuntimeError(
+                    "The loss plug-in needs the augmented view batch['image_aug']: build the data module with the "
+                    "run's data request (mcad.build.build_components does)."
+                )
+            losses, features = self.contrastive_forward(batch)
+            extra = self.loss_plugin(features, batch)
             losses = {**losses, **extra, "loss": losses["loss"] + sum(extra.values())}
         if not self.check_losses(losses, batch):
             return None
@@ -200,23 +158,35 @@ class AnomalyModule(L.LightningModule):
         acc = AnomalyMetricAccumulator(self.class_names, fpr_limit=self.protocol.fpr_limit)
         self._eval = {"accumulator": acc.to(self.device)}
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
-        """Maps -> protocol -> accumulator.
+    def test_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        """Maps -> protocol (under the batch's input geometry) -> accumulator.
 
-        Returns the evaluated maps, masks and scores for callbacks (visualisation, W&B panels).
+        ``data.geometry=keep_aspect`` drops the padding and ``tile`` stitches every tile of an image before
+        smoothing and scoring (:func:`mcad.evaluation.stitching.evaluate_batch`); the maps and masks the
+        metrics see are on the protocol's evaluation grid.
+
+        Returns the evaluated maps, masks and scores for callbacks (visualisation, W&B panels), with each
+        image's ``content_map`` (the map before the resize to the grid), the input ``window`` it covers
+        and the forward passes (``tiles``) it took.
         """
-        out = self.anomaly_maps(batch["image"])
-        pixel_maps, scores = self.protocol.process(out.anomaly_map, out.segmentation)
-        masks = self.protocol.binarize_masks(batch["mask"])
+        evaluated = evaluate_batch(self.anomaly_maps, self.protocol, batch)
+        assert evaluated.masks is not None
         self._eval["accumulator"].update(
-            image_scores=scores,
+            image_scores=evaluated.scores,
             labels=batch["label"],
             class_ids=batch["class_id"],
             indices=batch["index"],
-            anomaly_maps=pixel_maps,
-            gt_masks=masks,
+            anomaly_maps=evaluated.pixel_maps,
+            gt_masks=evaluated.masks,
         )
-        return {"anomaly_map": pixel_maps, "gt_mask": masks, "score": scores}
+        return {
+            "anomaly_map": evaluated.pixel_maps,
+            "gt_mask": evaluated.masks,
+            "score": evaluated.scores,
+            "content_map": evaluated.content_maps,
+            "window": evaluated.windows,
+            "tiles": evaluated.tiles,
+        }
 
     def on_test_epoch_end(self) -> None:
         """Computes the per-class table and logs ``test/<metric>`` and ``test/<class>/<metric>``."""
@@ -233,11 +203,24 @@ class AnomalyModule(L.LightningModule):
         self.test_results = results
         acc.reset()
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Evaluated maps and image scores of a batch (no labels needed)."""
-        out = self.anomaly_maps(batch["image"])
-        pixel_maps, scores = self.protocol.process(out.anomaly_map, out.segmentation)
-        return {"anomaly_map": pixel_maps.cpu(), "score": scores.cpu(), "path": batch.get("path")}
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        """Evaluated maps and image scores of a batch (no labels needed), under the batch's geometry.
+
+        Returns ``anomaly_map`` (on the evaluation grid), ``score``, ``path``, and per image the
+        ``content_map`` with its input ``window``, ``placement`` and ``tiles`` (see :meth:`test_step`), from
+        which :func:`mcad.data.geometry.to_native` draws the map at the image's own resolution.
+        """
+        evaluated = evaluate_batch(self.anomaly_maps, self.protocol, {k: v for k, v in batch.items() if k != "mask"})
+        placement = batch.get("placement")
+        return {
+            "anomaly_map": evaluated.pixel_maps.cpu(),
+            "score": evaluated.scores.cpu(),
+            "path": batch.get("path"),
+            "content_map": [m.cpu() for m in evaluated.content_maps],
+            "window": evaluated.windows.cpu(),
+            "placement": placement.cpu() if isinstance(placement, Tensor) else None,
+            "tiles": evaluated.tiles,
+        }
 
     # ---------------------------------------------------------------------------- bookkeeping
     def parameter_counts(self) -> dict[str, int]:

@@ -9,6 +9,9 @@ from mcad.metrics.functional import (
     binary_metrics,
     f1_max,
     pixel_metrics,
+    pro_points,
+    roc_points,
+    thin_curve,
 )
 
 __all__ = [
@@ -23,4 +26,7 @@ __all__ = [
     "binary_metrics",
     "f1_max",
     "pixel_metrics",
+    "pro_points",
+    "roc_points",
+    "thin_curve",
 ]

@@ -16,7 +16,16 @@ from torch import Tensor
 
 from mcad.metrics.functional import binary_metrics, pixel_metrics
 
-__all__ = ["IMAGE_METRICS", "METRIC_NAMES", "PIXEL_METRICS", "compute_metrics"]
+__all__ = [
+    "IMAGE_METRICS",
+    "METRIC_NAMES",
+    "PIXEL_METRICS",
+    "class_row",
+    "compute_metrics",
+    "dedup_order",
+    "flat_numpy",
+    "table_means",
+]
 
 METRIC_NAMES = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")  # mAD = mean of these 7
 IMAGE_METRICS = METRIC_NAMES[:3]
@@ -25,7 +34,7 @@ PIXEL_METRICS = METRIC_NAMES[3:]
 Chunks = Tensor | np.ndarray | Sequence[Tensor] | Sequence[np.ndarray]
 
 
-def _flat_numpy(x: Chunks | None) -> np.ndarray | None:
+def flat_numpy(x: Chunks | None) -> np.ndarray | None:
     """Concatenate small per-sample states (scores, labels, ids) into one 1-D NumPy array."""
     if x is None:
         return None
@@ -79,7 +88,7 @@ def _as_slice(a: np.ndarray) -> slice | np.ndarray:
     return a
 
 
-def _dedup_order(indices: np.ndarray, labels: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
+def dedup_order(indices: np.ndarray, labels: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
     """Positions of the first occurrence of every test index, in ascending index order."""
     _, first = np.unique(indices, return_index=True)
     if first.size != indices.size:
@@ -130,19 +139,19 @@ def compute_metrics(
     """
     if (anomaly_maps is None) != (gt_masks is None):
         raise ValueError("anomaly_maps and gt_masks must be given together")
-    scores = _flat_numpy(image_scores).astype(np.float64)
-    lab = _flat_numpy(labels).astype(np.int64)
-    cls = _flat_numpy(class_ids).astype(np.int64)
+    scores = flat_numpy(image_scores).astype(np.float64)
+    lab = flat_numpy(labels).astype(np.int64)
+    cls = flat_numpy(class_ids).astype(np.int64)
     n = scores.size
     if lab.size != n or cls.size != n:
         raise ValueError(f"image_scores ({n}), labels ({lab.size}) and class_ids ({cls.size}) differ in length")
     if n and (cls.min() < 0 or cls.max() >= len(class_names)):
         raise ValueError(f"class_ids must be in [0, {len(class_names)})")
     if indices is not None:
-        idx = _flat_numpy(indices).astype(np.int64)
+        idx = flat_numpy(indices).astype(np.int64)
         if idx.size != n:
             raise ValueError(f"indices ({idx.size}) and image_scores ({n}) differ in length")
-        order = _dedup_order(idx, lab, cls)
+        order = dedup_order(idx, lab, cls)
     else:
         order = np.arange(n)
 
@@ -157,29 +166,61 @@ def compute_metrics(
             raise ValueError(f"maps {maps.spatial} and masks {masks.spatial} differ in spatial size")
 
     per_class: dict[str, dict[str, float]] = {}
+    map_dtype = None if maps is None else (np.float64 if maps.chunks[0].dtype == torch.float64 else np.float32)
     for c, name in enumerate(class_names):
         rows = order[cls[order] == c]
         if rows.size == 0:
             continue
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            row = binary_metrics(scores[rows], lab[rows], prefix="I-")
-            if maps is not None:
-                # Only one class's maps are materialised at a time (float32 copy, uint8 masks).
-                m = maps.take(rows, np.float64 if maps.chunks[0].dtype == torch.float64 else np.float32)
-                g = masks.take(rows, np.uint8)
-                row.update(pixel_metrics(m, g, fpr_limit=fpr_limit, prefix="P-"))
-                del m, g
-                row["mAD"] = float(np.mean([row[k] for k in METRIC_NAMES]))
-        for w in caught:
-            warnings.warn(f"class {name!r}: {w.message}", w.category, stacklevel=2)
-        per_class[name] = row
+        # Only one class's maps are materialised at a time (float32 copy, uint8 masks).
+        m = None if maps is None else maps.take(rows, map_dtype)
+        g = None if masks is None else masks.take(rows, np.uint8)
+        per_class[name] = class_row(name, scores[rows], lab[rows], m, g, fpr_limit)
+        del m, g
+    return {"per_class": per_class, "mean": table_means(per_class, pixel=maps is not None)}
 
-    names = METRIC_NAMES if maps is not None else IMAGE_METRICS
+
+def class_row(
+    name: str,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    maps: np.ndarray | None,
+    masks: np.ndarray | None,
+    fpr_limit: float,
+) -> dict[str, float]:
+    """The metric row of one class (image metrics, and pixel metrics + mAD when maps are given).
+
+    Shared by :func:`compute_metrics` and the accumulator, which materialises the class's maps from its own
+    (possibly disk-backed, possibly distributed) storage.
+
+    Args:
+        name: Class name, prefixed to the messages of undefined-metric warnings.
+        scores: ``(n,)`` image scores of the class's samples, in test-index order.
+        labels: ``(n,)`` image labels {0, 1}, aligned with ``scores``.
+        maps: ``(n, H, W)`` maps aligned with ``scores``, or None for image metrics only.
+        masks: ``(n, H, W)`` uint8 {0, 1} masks; required with ``maps``.
+        fpr_limit: AUPRO integration limit.
+
+    Returns:
+        ``{metric: float}`` with the image metrics and, with maps, the pixel metrics and ``mAD``.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        row = binary_metrics(scores, labels, prefix="I-")
+        if maps is not None:
+            row.update(pixel_metrics(maps, masks, fpr_limit=fpr_limit, prefix="P-"))
+            row["mAD"] = float(np.mean([row[k] for k in METRIC_NAMES]))
+    for w in caught:
+        warnings.warn(f"class {name!r}: {w.message}", w.category, stacklevel=3)
+    return row
+
+
+def table_means(per_class: dict[str, dict[str, float]], pixel: bool) -> dict[str, float]:
+    """Unweighted class means of every metric (and their mean, ``mAD``, when ``pixel``); {} without classes."""
+    names = METRIC_NAMES if pixel else IMAGE_METRICS
     mean: dict[str, float] = {}
     if per_class:
         for k in names:
             mean[k] = float(np.mean([row[k] for row in per_class.values()]))
-        if maps is not None:
+        if pixel:
             mean["mAD"] = float(np.mean([mean[k] for k in METRIC_NAMES]))
-    return {"per_class": per_class, "mean": mean}
+    return mean

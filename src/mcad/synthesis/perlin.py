@@ -21,7 +21,8 @@ Deviations from the official code (all minor, named here once):
 * augmentations are albumentations equivalents of the imgaug ops (gamma is not per-channel,
   "multiply-and-add to brightness" acts on RGB rather than a luminance channel);
 * the official foreground for Real-IAD is a precomputed DIS saliency map; MVTec/VisA have none, so
-  `foreground="otsu"` estimates one (ambiguity A-CRR3), and a precomputed map can be passed per call;
+  `foreground="otsu"` estimates one (ambiguity A-CRR3). A per-image precomputed map is not supported:
+  the data layer has no source of such maps for MVTec/VisA, so the option could not be reached;
 * images are processed at whatever size they arrive (the official code first resizes to 448 with cv2;
   resizing is the data pipeline's job here).
 """
@@ -37,11 +38,13 @@ from typing import Literal
 import albumentations as A
 import cv2
 import numpy as np
+from PIL import Image, ImageOps
 
 from mcad.synthesis.textures import generate_texture, perlin_noise_2d
 
 __all__ = [
     "PerlinSynthesizer",
+    "PilAutocontrast",
     "SynthesisSample",
     "estimate_foreground",
     "grid_shuffle",
@@ -58,7 +61,7 @@ class SynthesisSample:
 
     Attributes:
         image: Synthetic image, uint8 `(H, W, 3)`.
-        mask: Anomaly mask, float32 `(H, W)`; in {0, 1} unless a soft precomputed foreground was given.
+        mask: Anomaly mask, float32 `(H, W)` in {0, 1}.
         source: The augmented anomaly source that was blended in, uint8 `(H, W, 3)`.
         beta: Blend weight of the original image inside the mask.
         source_kind: `"texture"` or `"self"`.
@@ -195,6 +198,39 @@ def grid_shuffle(image: np.ndarray, rng: np.random.Generator, grid: int = 8) -> 
     return np.concatenate(rows, axis=0)
 
 
+class PilAutocontrast(A.ImageOnlyTransform):
+    """imgaug's `iaa.pillike.Autocontrast()`: PIL's `ImageOps.autocontrast` with a random integer cutoff.
+
+    imgaug draws the cutoff (in percent, cut from each end of every channel's histogram) per image from
+    the discrete uniform `{lo, ..., hi}` (default `(0, 20)`) and calls PIL (its own code path for cutoff 0
+    gives PIL's result too). albumentations' `AutoContrast(method="pil")` differs from PIL by up to 3
+    grey levels and has a fixed cutoff, so PIL is called directly.
+
+    Args:
+        cutoff: Inclusive integer range of the cutoff percentage.
+        p: Probability of applying the transform.
+    """
+
+    def __init__(self, cutoff: tuple[int, int] = (0, 20), p: float = 1.0) -> None:
+        super().__init__(p=p)
+        lo, hi = int(cutoff[0]), int(cutoff[1])
+        if not 0 <= lo <= hi < 50:
+            raise ValueError(f"cutoff must satisfy 0 <= lo <= hi < 50, got {cutoff}")
+        self.cutoff = (lo, hi)
+
+    def get_params(self) -> dict[str, int]:
+        """One cutoff per image, drawn from albumentations' seeded generator."""
+        return {"cutoff": self.py_random.randint(*self.cutoff)}
+
+    def apply(self, img: np.ndarray, cutoff: int = 0, **params: object) -> np.ndarray:
+        """PIL autocontrast of a uint8 RGB image."""
+        return np.array(ImageOps.autocontrast(Image.fromarray(img), cutoff=cutoff))
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        """Names shown in `repr` / serialisation."""
+        return ("cutoff",)
+
+
 def _default_augmenters() -> list[A.BasicTransform]:
     # albumentations stand-ins for the official imgaug list (dataset.py `self.augmenters`), in order.
     return [
@@ -213,7 +249,7 @@ def _default_augmenters() -> list[A.BasicTransform]:
         A.Solarize(threshold_range=(32 / 255, 128 / 255), p=0.5),  # iaa.Solarize(0.5, threshold=(32, 128))
         A.Posterize(num_bits=(1, 8), p=1.0),  # iaa.Posterize() - imgaug's default nb_bits=(1, 8)
         A.InvertImg(p=1.0),  # iaa.Invert()
-        A.AutoContrast(p=1.0),  # iaa.pillike.Autocontrast()
+        PilAutocontrast(cutoff=(0, 20), p=1.0),  # iaa.pillike.Autocontrast(): cutoff U{0..20} %, PIL
         A.Equalize(p=1.0),  # iaa.pillike.Equalize()
         A.Affine(rotate=(-45, 45), border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0),  # iaa.Affine(rotate)
     ]
@@ -225,8 +261,7 @@ class PerlinSynthesizer:
     Args:
         texture_root: Folder searched recursively for texture images (e.g. DTD's `images/`); None uses
             procedural textures from `mcad.synthesis.textures` so it works offline.
-        foreground: `"none"` (mask anywhere) or `"otsu"` (restrict to `estimate_foreground`). A
-            per-image precomputed foreground can also be passed to `__call__`, which overrides this.
+        foreground: `"none"` (mask anywhere) or `"otsu"` (restrict to `estimate_foreground`).
         beta_range: Range of the blend weight beta of the original image inside the mask.
         max_tries: Perlin draws before giving up on a non-empty mask.
         texture_prob: Probability of a texture source (else the grid-shuffled image); 0.5 in CRR.
@@ -301,19 +336,10 @@ class PerlinSynthesizer:
         pipeline = A.Compose([self.augmenters[i] for i in idx], seed=int(rng.integers(2**31 - 1)))
         return np.ascontiguousarray(pipeline(image=image)["image"])
 
-    def make_mask(
-        self, image: np.ndarray, rng: np.random.Generator, foreground_mask: np.ndarray | None = None
-    ) -> np.ndarray:
+    def make_mask(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Perlin mask restricted to the foreground; re-drawn up to `max_tries` times until non-empty."""
         h, w = image.shape[:2]
-        if foreground_mask is not None:
-            fg = np.asarray(foreground_mask, dtype=np.float32)
-            if fg.shape != (h, w):
-                raise ValueError(f"foreground_mask shape {fg.shape} != image shape {(h, w)}")
-        elif self.foreground == "otsu":
-            fg = estimate_foreground(image)
-        else:
-            fg = None
+        fg = estimate_foreground(image) if self.foreground == "otsu" else None
         lo, hi = self.scale_exponents
         # The lattice is drawn once and kept across retries (official loop); noise and angle are redrawn.
         res = (2 ** int(rng.integers(lo, hi + 1)), 2 ** int(rng.integers(lo, hi + 1)))
@@ -355,31 +381,25 @@ class PerlinSynthesizer:
         return np.clip(out, 0.0, 255.0).astype(np.uint8)
 
     # ------------------------------------------------------------------ API
-    def sample(
-        self, image: np.ndarray, rng: np.random.Generator, foreground_mask: np.ndarray | None = None
-    ) -> SynthesisSample:
+    def sample(self, image: np.ndarray, rng: np.random.Generator) -> SynthesisSample:
         """Draw one synthetic anomaly and return all its ingredients."""
         image = np.ascontiguousarray(image)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
-        mask = self.make_mask(image, rng, foreground_mask)
+        mask = self.make_mask(image, rng)
         source, kind = self.make_source(image, rng)
         beta = float(rng.uniform(*self.beta_range))
         return SynthesisSample(self.blend(image, source, mask, beta), mask, source, beta, kind)
 
-    def __call__(
-        self, image: np.ndarray, rng: np.random.Generator, foreground_mask: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Synthesize an anomaly on `image`.
 
         Args:
             image: uint8 `(H, W, 3)` RGB.
             rng: Random source; the output is a deterministic function of its state.
-            foreground_mask: Optional precomputed foreground `(H, W)` in [0, 1] (spec option
-                `precomputed`); a soft map gives a soft mask, as in the official Real-IAD pipeline.
 
         Returns:
             `(synthetic uint8 (H, W, 3), mask float32 (H, W))`.
         """
-        s = self.sample(image, rng, foreground_mask)
+        s = self.sample(image, rng)
         return s.image, s.mask

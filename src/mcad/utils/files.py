@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+__all__ = ["atomic_write", "atomic_write_text", "default_mode"]
+
 
 def default_mode(directory: bool = False) -> int:
     """Permissions ``open``/``mkdir`` would give a new file/folder: ``0o666``/``0o777`` minus the umask."""
@@ -42,3 +44,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[Any]], None], binary: boo
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Writes ``text`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda fh: fh.write(text))

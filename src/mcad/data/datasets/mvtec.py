@@ -7,9 +7,11 @@ Layout: ``<root>/<class>/train/good/*``, ``<root>/<class>/test/<good|defect>/*``
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+from mcad.data.datasets.base import DatasetFormat, Download
 from mcad.data.io import DataError, is_image_file
 from mcad.data.records import SampleRecord
 
@@ -19,8 +21,10 @@ MVTEC_CLASSES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
     "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
 )  # fmt: skip
-MVTEC_URL = "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/420938113-1629952094/mvtec_anomaly_detection.tar.xz"
-MVTEC_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"  # as published by anomalib
+MVTEC_DOWNLOAD = Download(
+    url="https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/420938113-1629952094/mvtec_anomaly_detection.tar.xz",
+    sha256="cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d",  # as published by anomalib
+)
 MVTEC_MANUAL = (
     "Download mvtec_anomaly_detection.tar.xz from https://www.mvtec.com/company/research/datasets/mvtec-ad "
     "and extract it so that <root>/bottle/train/good exists."
@@ -96,3 +100,26 @@ def mvtec_layout_records(root: str | Path, classes: Sequence[str], split: str) -
         if count == 0:
             raise DataError(f"Class '{name}' has no images in {split_dir}.")
     return records
+
+
+def _list(root: Path, classes: Sequence[str], split: str, options: Mapping[str, Any]) -> list[SampleRecord]:
+    return mvtec_layout_records(root, classes, split)
+
+
+MVTEC = DatasetFormat(
+    name="mvtec",
+    list_records=_list,
+    classes=MVTEC_CLASSES,
+    marker="{class}/train/good",
+    download=MVTEC_DOWNLOAD,
+    manual=MVTEC_MANUAL,
+    licence="CC BY-NC-SA 4.0",
+)
+
+FOLDER = DatasetFormat(
+    name="folder",
+    list_records=_list,
+    discover=discover_classes,
+    manual="Point data.root at a folder of <class>/train/good, <class>/test/<type>, <class>/ground_truth/<type>.",
+    licence="the folder's own",
+)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+from mcad.data.datasets.base import DatasetFormat, Download
 from mcad.data.io import DataError
 from mcad.data.records import SampleRecord
 
@@ -13,8 +15,8 @@ VISA_CLASSES = (
     "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
     "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum",
 )  # fmt: skip
-VISA_URL = "https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar"
-VISA_SHA256 = None  # the publisher gives no checksum; pass data.sha256=<hex> to enforce one
+# The publisher gives no checksum; pass data.sha256=<hex> to enforce one.
+VISA_DOWNLOAD = Download(url="https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar")
 VISA_MANUAL = (
     "Download VisA_20220922.tar from https://github.com/amazon-science/spot-diff and extract it so that "
     "<root>/split_csv/1cls.csv and <root>/candle/Data/Images exist."
@@ -53,3 +55,19 @@ def visa_records(
     if missing:
         raise DataError(f"VisA classes {missing} have no '{split}' rows in {csv_path}.")
     return records
+
+
+def _list(root: Path, classes: Sequence[str], split: str, options: Mapping[str, Any]) -> list[SampleRecord]:
+    return visa_records(root, classes, split, options["split_csv"])
+
+
+VISA = DatasetFormat(
+    name="visa",
+    list_records=_list,
+    classes=VISA_CLASSES,
+    marker="{split_csv}",
+    download=VISA_DOWNLOAD,
+    manual=VISA_MANUAL,
+    licence="CC BY 4.0",
+    options={"split_csv": "split_csv/1cls.csv"},
+)

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from mcad.losses.ccl import feature_noise_
-from mcad.losses.cosine import fused_cosine_map
-from mcad.methods.rd.model import ReverseDistillation
+from mcad.losses.cosine import cosine_distance_map
+from mcad.methods.ccl_rd.components import MultiProjectionLayer, feature_noise_
+from mcad.methods.rd.model import RDOutput, ReverseDistillation
 from mcad.models.blocks.batchnorm import running_stats_frozen
-from mcad.models.blocks.projection import MultiProjectionLayer
+
+__all__ = ["CCLForward", "CCLReverseDistillation"]
 
 
 @dataclass
@@ -102,10 +103,11 @@ class CCLReverseDistillation(nn.Module):
         """OCBE embedding of projected teacher features (no noise)."""
         return self.rd.ocbe(self.proj(teacher))
 
-    def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """Inference pass: ``(raw teacher features, student features)``, both shallow to deep."""
+    def forward(self, images: Tensor) -> RDOutput:
+        """Inference pass: raw teacher maps, bottleneck embedding of the projected maps, student maps."""
         teacher = self.teacher(images)
-        return teacher, self.rd.decoder(self.bottleneck(teacher))
+        embedding = self.bottleneck(teacher)
+        return RDOutput(teacher=teacher, embedding=embedding, student=self.rd.decoder(embedding))
 
     def train_forward(self, images: Tensor, images_aug: Tensor, noise: bool = True) -> CCLForward:
         """The two-view training pass (official ``train_forward``).
@@ -148,7 +150,7 @@ class CCLReverseDistillation(nn.Module):
             noised=noised,
         )
 
-    def anomaly_map(self, images: Tensor) -> Tensor:
-        """``(B, 1, h1, w1)`` mean per-pixel cosine distance between raw teacher and student maps."""
-        teacher, student = self(images)
-        return fused_cosine_map(teacher, student, size=tuple(teacher[0].shape[-2:]))
+    def level_maps(self, images: Tensor) -> list[Tensor]:
+        """Per-level ``(B, 1, h_i, w_i)`` cosine distances between raw teacher and student maps."""
+        out = self(images)
+        return [cosine_distance_map(t, s) for t, s in zip(out.teacher, out.student)]

@@ -7,10 +7,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from mcad.losses.ccl import CCLPlugin
+from mcad.evaluation.protocol import AnomalyMaps, EvalProtocol
 from mcad.losses.cosine import GlobalCosineLoss
-from mcad.methods.base import AnomalyMaps, AnomalyModule
+from mcad.methods.base import AnomalyModule
 from mcad.methods.ccl_rd.model import CCLReverseDistillation
+from mcad.methods.plugins.base import Batch, ContrastiveFeatures
+from mcad.methods.plugins.ccl import CCLPlugin
+
+__all__ = ["CCLRDModule"]
 
 
 class CCLRDModule(AnomalyModule):
@@ -18,9 +22,10 @@ class CCLRDModule(AnomalyModule):
 
     Per training step: teacher maps of the clean and augmented views, projection of both, feature noise on
     the clean projection, OCBE of both (E-CCL1), student of the clean view; loss = global-cosine
-    reconstruction + dense class-aware CL + global class-aware CL (weights and temperatures in the ``loss``
-    group, which must be the CCL plug-in: ``conf/loss/ccl.yaml``). Both the loss functions and the label
-    logic (``gt`` / ``kmeans``) are the plug-in's, so ``method=ccl_rd`` and ``method=rd loss=ccl`` share them.
+    reconstruction + dense class-aware CL + global class-aware CL. The contrastive terms, their options
+    (``conf/loss/ccl.yaml``) and the labels (``gt`` / ``kmeans``, carried by the batch) are the CCL plug-in's,
+    reached through the same one-pass hook as ``method=rd loss=ccl``; here the hook hands over CCL's
+    projected maps, the raw teacher maps for the correspondence and the pooled OCBE embeddings.
 
     Optimisation: the official trainer uses two Adam optimisers (projection lr ``proj_lr``, OCBE + decoder
     lr ``optimizer.lr``, same betas), zeroes both, back-propagates once, clips the grad-norm of ALL
@@ -47,7 +52,6 @@ class CCLRDModule(AnomalyModule):
             E-CCL1: true); false leaves them to the clean view.
         protocol: Evaluation protocol.
         on_nonfinite: ``raise`` or ``skip`` batches with a NaN/Inf loss.
-        synthesizer: Unused (CCL synthesises no anomalies).
     """
 
     def __init__(
@@ -65,9 +69,8 @@ class CCLRDModule(AnomalyModule):
         noise_mask_prob: float = 0.5,
         noise_std: float = 1.0,
         aug_view_updates_bn: bool = True,
-        protocol: Any = None,
+        protocol: EvalProtocol | dict | None = None,
         on_nonfinite: str = "raise",
-        synthesizer: Any = None,
     ) -> None:
         if loss is None:
             loss = CCLPlugin()
@@ -76,10 +79,7 @@ class CCLRDModule(AnomalyModule):
                 f"method=ccl_rd needs the CCL loss group (loss=ccl), got {type(loss).__name__}. For plain RD use "
                 "method=rd."
             )
-        # The plug-in is used directly (not through the base class's generic plug-in path), so the base
-        # only gets the reconstruction loss.
-        super().__init__(protocol=protocol, on_nonfinite=on_nonfinite, loss=None, default_loss=GlobalCosineLoss)
-        self.ccl = loss
+        super().__init__(protocol=protocol, on_nonfinite=on_nonfinite, loss=loss, default_loss=GlobalCosineLoss)
         self.model = CCLReverseDistillation(
             backbone, ocbe, decoder, separable_projection=separable_projection,
             proj_width_multiplier=proj_width_multiplier, noise_prob=noise_prob,
@@ -89,30 +89,16 @@ class CCLRDModule(AnomalyModule):
         self.proj_lr = float(proj_lr)
         self.scheduler_factory = scheduler
 
-    # ---------------------------------------------------------------------------- data and labels
-    def configure_datamodule(self, datamodule: Any) -> None:
-        """The augmented view and mixed-class batches (through the CCL plug-in)."""
-        self.ccl.configure_datamodule(datamodule)
-
-    def on_fit_start(self) -> None:
-        """Checks the classes and computes k-means pseudo labels if asked (once, cached)."""
-        self.ccl.setup(self)
-
-    def extra_results(self) -> dict[str, Any]:
-        """The label source (and, for k-means, the adjusted Rand index) for ``results.json``."""
-        return self.ccl.extra_results()
-
     # ---------------------------------------------------------------------------- training
-    def training_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        if "image_aug" not in batch:
-            raise RuntimeError("method=ccl_rd needs batch['image_aug'] (set up by configure_datamodule).")
+    def contrastive_forward(self, batch: Batch) -> tuple[dict[str, Tensor], ContrastiveFeatures]:
+        """The two-view pass: reconstruction loss and CCL's features (projected maps, teacher, embeddings)."""
         out = self.model.train_forward(batch["image"], batch["image_aug"], noise=self.training)
         rec = self.loss_fn(out.teacher, out.student)
-        terms = self.ccl.terms(
-            out.teacher, out.teacher_aug, out.proj, out.proj_aug, out.embedding, out.embedding_aug,
-            self.ccl.batch_labels(batch),
+        features = ContrastiveFeatures(
+            dense=out.proj, dense_aug=out.proj_aug, embedding=out.embedding, embedding_aug=out.embedding_aug,
+            correspondence=out.teacher, correspondence_aug=out.teacher_aug,
         )  # fmt: skip
-        return {"loss": rec + terms["total"], "cos": rec, "dense": terms["dense"], "global": terms["global_"]}
+        return {"loss": rec, "cos": rec}, features
 
     def configure_optimizers(self) -> Any:
         proj = [p for p in self.model.proj.parameters() if p.requires_grad]
@@ -124,19 +110,6 @@ class CCLRDModule(AnomalyModule):
         scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ---------------------------------------------------------------------------- feature hooks
-    def dense_features(self, images: Tensor) -> list[Tensor]:
-        """The projected teacher maps (what CCL's dense term contrasts)."""
-        return self.model.proj(self.model.teacher(images))
-
-    def correspondence_features(self, images: Tensor) -> list[Tensor]:
-        """The raw frozen teacher maps (CCL matches the two views on them)."""
-        return self.model.teacher(images)
-
-    def global_embedding(self, images: Tensor) -> Tensor:
-        """Global average pool of the OCBE embedding of the projected maps."""
-        return self.model.bottleneck(self.model.teacher(images)).mean(dim=(2, 3))
-
     # ---------------------------------------------------------------------------- inference
     def anomaly_maps(self, images: Tensor) -> AnomalyMaps:
-        return AnomalyMaps(self.model.anomaly_map(images))
+        return AnomalyMaps(self.model.level_maps(images))

@@ -13,9 +13,10 @@ Paraphrase of `ViTill` in CRR's `models/uad.py` with the stage-I/II scripts' con
 
 Backbone contract: `backbone(images)` returns a list of L feature maps `(B, C_i, h_i, w_i)`. An entry may
 also be a tuple `(map, prefix_tokens (B, P, C_i))` - the format of timm's
-`forward_intermediates(return_prefix_tokens=True)` - in which case the prefix (CLS + register) tokens are
-carried through bottleneck and decoder and dropped before reshaping, exactly as `ViTill` does
-(`prefix_tokens` below). With plain maps the decoder sees patch tokens only.
+`forward_intermediates(return_prefix_tokens=True)`, which `TimmBackbone(prefix_tokens=True)` returns (the
+default of `conf/backbone/vit_base_patch14_reg4_dinov2.yaml`) - in which case the prefix (CLS + register)
+tokens are carried through bottleneck and decoder and dropped before reshaping, exactly as `ViTill` does
+(789 tokens at 392 px). With plain maps the decoder sees patch tokens only.
 
 CNN backbones (levels of different widths and/or resolutions) are adapted as follows:
 
@@ -100,6 +101,8 @@ class CRRModel(nn.Module):
         dropout: Bottleneck dropout (0.2 for MVTec/VisA per Dinomaly; 0.4 in CRR's Real-IAD scripts).
         mask_at_test: Bottleneck eval behaviour, see `NoisyBottleneck` (False: deterministic expectation;
             True: official random mask at test time).
+        mask_rng: Source of the mask's random numbers, see `NoisyBottleneck` (`"cpu"`: as the official
+            `bMlp6`, so equal seeds give equal masks; `"device"`: drawn on the input's device).
         num_heads: Decoder heads; None: D // 64 (12 for ViT-B).
         mlp_ratio: Decoder MLP ratio (4).
         bottleneck_ratio: Bottleneck hidden width / D (4).
@@ -119,6 +122,7 @@ class CRRModel(nn.Module):
         mask_ratio: float = 0.4,
         dropout: float = 0.2,
         mask_at_test: bool = False,
+        mask_rng: Literal["cpu", "device"] = "cpu",
         num_heads: int | None = None,
         mlp_ratio: float = 4.0,
         bottleneck_ratio: float = 4.0,
@@ -185,6 +189,7 @@ class CRRModel(nn.Module):
             mask_ratio=mask_ratio,
             dropout=dropout,
             mask_at_test=mask_at_test,
+            mask_rng=mask_rng,
         )
         self.decoder = nn.ModuleList(
             LinearAttentionBlock(self.embed_dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_eps=1e-8)

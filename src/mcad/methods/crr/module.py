@@ -9,6 +9,11 @@ synthetic image. ``mcad.train`` runs the phases one after the other (``training_
 ``start_phase``), one checkpoint folder each. At test time the method returns the reconstruction map
 and, once stage II has started, the segmentation probability; their fusion (0.7 · recon + 0.3 · seg,
 ``protocol.seg_weight``), smoothing and image score belong to the shared evaluation protocol.
+
+Dinomaly (``method=dinomaly``; guojiajeremy/Dinomaly ``dinomaly_{mvtec,visa}_uni.py``) is this module with
+the repair term, the feature masking and stage II switched off: ``repair=False`` (stage I trains on the
+clean image alone, no synthesis), ``decoder.mask_ratio=0`` (plain dropout bottleneck, Dinomaly's ``bMlp``),
+``seg_head=None`` and ``stage2_steps=0``.
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ class CRRModule(AnomalyModule):
             ``decoder(backbone) -> CRRModel`` (``decoder=crr``: bottleneck, masking, decoder blocks,
             groups, ``mask_at_test``).
         seg_head: Partial building the stage-II segmentation head, called with ``in_channels``
-            (= number of groups × decoder width).
+            (= number of groups × decoder width), or ``None`` for a reconstruction-only model (Dinomaly;
+            needs ``stage2_steps=0``).
         optimizer: Partial stage-I optimiser over bottleneck + decoder (StableAdamW 2e-3, betas
             (0.9, 0.999), wd 1e-4, eps 1e-10, AMSGrad).
         scheduler: Partial stage-I schedule called with ``(optimizer, total_steps)``, stepped every
@@ -64,9 +70,13 @@ class CRRModule(AnomalyModule):
         hard_mining_ramp: Iterations over which p rises linearly from 0 (1 000).
         seg_threshold: The synthetic mask, bilinearly resized to the head's output, is 1 where
             ``>= seg_threshold`` (0.5).
+        repair: Add the repair term (CRR). False: stage I is Dinomaly's loss on the clean image alone and
+            needs no synthetic images.
         loss: Stage-I loss ``loss(enc_groups, dec_groups, p=...)`` (``loss=hard_mining``), or a loss
             plug-in (``loss=ccl``) whose terms are added in stage I to the default hard-mined loss.
-        synthesizer: The image-level synthesizer (the data layer applies it; needed for training).
+        synthesizer: Unused here: ``mcad.train`` hands the image-level synthesizer to the data layer, which
+            adds ``synthetic_image`` / ``synthetic_mask`` to the batches (accepted so that every method
+            shares one constructor shape).
         protocol: Evaluation protocol (``protocol=dinomaly``).
         on_nonfinite: ``raise`` or ``skip`` batches with a NaN/Inf loss.
     """
@@ -75,7 +85,7 @@ class CRRModule(AnomalyModule):
         self,
         backbone: nn.Module,
         decoder: Callable[..., CRRModel] | None,
-        seg_head: Callable[..., nn.Module],
+        seg_head: Callable[..., nn.Module] | None,
         optimizer: Callable[..., Any],
         scheduler: Callable[..., Any] | None = None,
         seg_optimizer: Callable[..., Any] | None = None,
@@ -87,6 +97,7 @@ class CRRModule(AnomalyModule):
         hard_mining_final: float = 0.9,
         hard_mining_ramp: int = 1000,
         seg_threshold: float = 0.5,
+        repair: bool = True,
         loss: Any = None,
         synthesizer: Any = None,
         protocol: Any = None,
@@ -95,8 +106,12 @@ class CRRModule(AnomalyModule):
         super().__init__(protocol=protocol, on_nonfinite=on_nonfinite, loss=loss, default_loss=_default_loss)
         if stage1_steps < 0 or stage2_steps < 0:
             raise ValueError(f"stage1_steps and stage2_steps must be >= 0, got {stage1_steps}, {stage2_steps}.")
+        if seg_head is None and stage2_steps > 0:
+            raise ValueError("method.seg_head=null (reconstruction only) needs method.stage2_steps=0.")
+        del synthesizer  # applied by the data layer (see the docstring)
         self.model: CRRModel = (decoder or CRRModel)(backbone)
-        self.seg_head = seg_head(in_channels=len(self.model.groups) * self.model.embed_dim)
+        in_channels = len(self.model.groups) * self.model.embed_dim
+        self.seg_head: nn.Module | None = seg_head(in_channels=in_channels) if seg_head is not None else None
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.seg_optimizer_factory = seg_optimizer or functools.partial(torch.optim.Adam, lr=1e-4)
         self.seg_scheduler_factory = seg_scheduler
@@ -104,7 +119,7 @@ class CRRModule(AnomalyModule):
         self.stage2_batch_size, self.stage2_grad_clip = stage2_batch_size, stage2_grad_clip
         self.hard_mining_final, self.hard_mining_ramp = hard_mining_final, hard_mining_ramp
         self.seg_threshold = seg_threshold
-        self.synthesizer = synthesizer
+        self.repair = bool(repair)
         # Saved with the weights: whether stage II has started, i.e. whether the segmentation head is
         # part of the inference path (a stage-I checkpoint evaluates as reconstruction only).
         self.register_buffer("seg_head_active", torch.tensor(False))
@@ -130,7 +145,8 @@ class CRRModule(AnomalyModule):
         stage2 = name == STAGE2
         for p in self.model.trainable_parameters():
             p.requires_grad_(not stage2)
-        self.seg_head.requires_grad_(stage2)  # unused in stage I: no gradient, no optimiser state
+        if self.seg_head is not None:
+            self.seg_head.requires_grad_(stage2)  # unused in stage I: no gradient, no optimiser state
         if stage2:
             self.seg_head_active.fill_(True)
         self.train(self.training)
@@ -152,6 +168,8 @@ class CRRModule(AnomalyModule):
 
     def training_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Stage I: hard-mined cosine on the clean image + repair term; stage II: focal loss."""
+        if not self.repair and self.phase == STAGE1:
+            return self._clean_losses(batch["image"])
         synthetic, mask = self._synthetic(batch)
         if self.phase == STAGE2:
             logits = self.segmentation_logits(synthetic)
@@ -170,6 +188,13 @@ class CRRModule(AnomalyModule):
         repair = self.loss_fn(enc_clean, [d[b:] for d in dec], p=p)
         self.log("train/hard_mining_p", p, on_step=True, on_epoch=False, batch_size=b)
         return {"loss": normal + repair, "normal": normal, "repair": repair}
+
+    def _clean_losses(self, images: Tensor) -> dict[str, Tensor]:
+        # Dinomaly: the hard-mined loss between E(x) and D(x) alone (``dinomaly_mvtec_uni.py``).
+        enc, dec = self.model(images)
+        p = hard_mining_p(self.global_step, self.hard_mining_final, self.hard_mining_ramp)
+        self.log("train/hard_mining_p", p, on_step=True, on_epoch=False, batch_size=images.shape[0])
+        return {"loss": self.loss_fn(enc, dec, p=p)}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         """Stage I through the base (adds loss plug-in terms); stage II: the focal loss alone."""
@@ -223,7 +248,7 @@ class CRRModule(AnomalyModule):
         enc, dec = self.model(images)
         recon = CRRModel.reconstruction_map(enc, dec)
         seg = None
-        if bool(self.seg_head_active):
+        if self.seg_head is not None and bool(self.seg_head_active):
             seg = torch.softmax(self.seg_head(CRRModel.seg_input(enc, dec)), dim=1)[:, 1:]
         return AnomalyMaps(recon, seg)
 
@@ -238,7 +263,7 @@ class CRRModule(AnomalyModule):
     def parameter_counts(self) -> dict[str, int]:
         """Totals plus the two trained parts separately (reconstruction network, segmentation head)."""
         recon = sum(p.numel() for p in self.model.trainable_parameters())
-        seg = sum(p.numel() for p in self.seg_head.parameters())
+        seg = sum(p.numel() for p in self.seg_head.parameters()) if self.seg_head is not None else 0
         total = sum(p.numel() for p in self.parameters())
         return {
             "params_total": total,

@@ -2,16 +2,34 @@
 
 teacher (frozen) -> [f1, f2, f3] -> OCBE -> embedding -> student decoder -> [s1, s2, s3];
 trained so that the student reproduces the teacher's features of normal images; the anomaly map
-is the per-pixel cosine distance between the two, averaged over levels.
+is the per-pixel cosine distance between the two at each level, upsampled and averaged by the protocol.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from mcad.losses.cosine import fused_cosine_map
+from mcad.losses.cosine import cosine_distance_map
+
+__all__ = ["RDOutput", "ReverseDistillation"]
+
+
+@dataclass
+class RDOutput:
+    """One forward pass of Reverse Distillation.
+
+    Attributes:
+        teacher: Frozen teacher maps, shallow to deep (the reconstruction targets).
+        embedding: The one-class bottleneck embedding ``(B, C, h, w)`` (OCBE output).
+        student: The student's reconstruction of ``teacher``, level by level.
+    """
+
+    teacher: list[Tensor]
+    embedding: Tensor
+    student: list[Tensor]
 
 
 class ReverseDistillation(nn.Module):
@@ -31,17 +49,17 @@ class ReverseDistillation(nn.Module):
         self.ocbe = ocbe(channels=channels)
         self.decoder = decoder(in_channels=self.ocbe.out_channels, channels=channels)
 
-    def embed(self, features: list[Tensor]) -> Tensor:
-        """The one-class embedding of teacher features."""
-        return self.ocbe(features)
-
-    def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """Returns ``(teacher features, student features)``, both shallow to deep."""
+    def forward(self, images: Tensor) -> RDOutput:
+        """Teacher maps, bottleneck embedding and student maps of a batch."""
         teacher = self.teacher(images)
-        student = self.decoder(self.ocbe(teacher))
-        return teacher, student
+        embedding = self.ocbe(teacher)
+        return RDOutput(teacher=teacher, embedding=embedding, student=self.decoder(embedding))
 
-    def anomaly_map(self, images: Tensor) -> Tensor:
-        """``(B, 1, h1, w1)`` mean cosine distance at the shallowest level's resolution."""
-        teacher, student = self(images)
-        return fused_cosine_map(teacher, student, size=tuple(teacher[0].shape[-2:]))
+    def level_maps(self, images: Tensor) -> list[Tensor]:
+        """Per-level ``(B, 1, h_i, w_i)`` cosine distances between teacher and student, shallow to deep.
+
+        The evaluation protocol upsamples each level straight to the evaluation size and averages them
+        (ADer ``util/metric.py::cal_anomaly_map``, RD4AD ``test.py``).
+        """
+        out = self(images)
+        return [cosine_distance_map(t, s) for t, s in zip(out.teacher, out.student)]

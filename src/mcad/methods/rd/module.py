@@ -7,9 +7,13 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from mcad.evaluation.protocol import AnomalyMaps, EvalProtocol
 from mcad.losses.cosine import GlobalCosineLoss
-from mcad.methods.base import AnomalyMaps, AnomalyModule
+from mcad.methods.base import AnomalyModule
+from mcad.methods.plugins.base import Batch, ContrastiveFeatures
 from mcad.methods.rd.model import ReverseDistillation
+
+__all__ = ["RDModule"]
 
 
 class RDModule(AnomalyModule):
@@ -27,7 +31,6 @@ class RDModule(AnomalyModule):
             iteration, or ``None`` for a constant LR.
         protocol: Evaluation protocol.
         on_nonfinite: ``raise`` or ``skip`` batches with a NaN/Inf loss.
-        synthesizer: Unused by RD (accepted so every method shares one constructor shape).
     """
 
     def __init__(
@@ -38,29 +41,36 @@ class RDModule(AnomalyModule):
         loss: nn.Module,
         optimizer: Callable[..., Any],
         scheduler: Callable[..., Any] | None = None,
-        protocol: Any = None,
+        protocol: EvalProtocol | dict | None = None,
         on_nonfinite: str = "raise",
-        synthesizer: Any = None,
     ) -> None:
         super().__init__(protocol=protocol, on_nonfinite=on_nonfinite, loss=loss, default_loss=GlobalCosineLoss)
         self.model = ReverseDistillation(backbone, ocbe, decoder)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
 
-    def training_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        teacher, student = self.model(batch["image"])
-        return {"loss": self.loss_fn(teacher, student)}
+    def training_losses(self, batch: Batch) -> dict[str, Tensor]:
+        out = self.model(batch["image"])
+        return {"loss": self.loss_fn(out.teacher, out.student)}
 
-    def dense_features(self, images: Tensor) -> list[Tensor]:
-        """The student's reconstructed features (the trainable dense maps)."""
-        return self.model(images)[1]
+    def contrastive_forward(self, batch: Batch) -> tuple[dict[str, Tensor], ContrastiveFeatures]:
+        """RD's loss and, for a plug-in, the OCBE embedding of both views (one pass each).
 
-    def global_embedding(self, images: Tensor) -> Tensor:
-        """Global average pool of the one-class embedding (CCL's global feature)."""
-        return self.model.embed(self.model.teacher(images)).mean(dim=(2, 3))
+        Plain RD has nothing trainable before its bottleneck, so the dense features are the OCBE output
+        (one 8x8 level for WRN50) and the global embedding is its spatial mean. The augmented view runs the
+        teacher and the OCBE only (no student); like CCL's augmented OCBE pass it updates the OCBE's BatchNorm
+        statistics (docs/codes.md E-CCL1).
+        """
+        out = self.model(batch["image"])
+        embedding_aug = self.model.ocbe(self.model.teacher(batch["image_aug"]))
+        features = ContrastiveFeatures(
+            dense=[out.embedding], dense_aug=[embedding_aug],
+            embedding=out.embedding.mean(dim=(2, 3)), embedding_aug=embedding_aug.mean(dim=(2, 3)),
+        )  # fmt: skip
+        return {"loss": self.loss_fn(out.teacher, out.student)}, features
 
     def anomaly_maps(self, images: Tensor) -> AnomalyMaps:
-        return AnomalyMaps(self.model.anomaly_map(images))
+        return AnomalyMaps(self.model.level_maps(images))
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.model.parameters() if p.requires_grad]

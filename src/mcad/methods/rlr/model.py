@@ -10,6 +10,7 @@ the three schedules discussed in ``specs/methods.md`` A-RLR3 / E-RLR1 (see
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,15 @@ from mcad.synthesis.feature_jitter import FeatureJitter
 
 FeatureTransform = Callable[[list[Tensor]], list[Tensor]]
 LevelLoss = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class RLROutput:
+    """One training pass of RLR, per level: loss, clean target features and reconstructions."""
+
+    losses: list[Tensor]
+    features: list[Tensor]
+    reconstructions: list[Tensor]
 
 
 class MSECosineLoss(nn.Module):
@@ -121,32 +131,34 @@ class RLRModel(nn.Module):
         with torch.no_grad():
             return [self.pool(f) for f in self.backbone(images)]
 
-    def forward_train(
-        self, images: Tensor, return_hidden: bool = False
-    ) -> (
-        tuple[list[Tensor], list[Tensor], list[Tensor]] | tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]
-    ):
+    def forward_train(self, images: Tensor) -> RLROutput:
         """Training pass: jittered features in, clean features as targets.
 
         Args:
             images: ``(B, 3, H, W)``.
-            return_hidden: Also return the last hidden tokens of each level as ``(B, d_i, h_i, w_i)``
-                maps (for a contrastive plug-in that shares this forward pass).
 
         Returns:
-            ``(losses, features, reconstructions)`` and optionally ``hidden``: one scalar loss
-            (``loss_fn``, by default :func:`~mcad.losses.reconstruction.mse_cosine_loss`) per level,
-            the clean targets and
-            the reconstructions, each a per-level list.
-
+            Per level: the loss (``loss_fn``, by default
+            :func:`~mcad.losses.reconstruction.mse_cosine_loss`), the clean targets and the reconstructions.
         """
         features = self.extract_features(images)
         inputs = self.jitter(features) if self.jitter is not None else features
-        recons, hidden = self.decoder.forward_with_hidden(inputs)
+        recons = self.decoder(inputs)
         losses = [self.loss_fn(r, f) for r, f in zip(recons, features)]
-        if return_hidden:
-            return losses, features, recons, hidden
-        return losses, features, recons
+        return RLROutput(losses=losses, features=features, reconstructions=recons)
+
+    def input_embeddings(self, features: Sequence[Tensor]) -> list[Tensor]:
+        """Each level's trainable linear embedding ``C -> d`` of the given features, as ``(B, d, h, w)`` maps.
+
+        What a contrastive plug-in contrasts: the map through which the features enter the level's
+        transformer (the analogue of CCL's projection layers), without the fixed position encoding.
+        """
+        maps = []
+        for level, f in zip(self.decoder.levels, features):
+            b, _, h, w = f.shape
+            tokens = level.embedding.proj(f.flatten(2).transpose(1, 2))
+            maps.append(tokens.transpose(1, 2).reshape(b, -1, h, w))
+        return maps
 
     def level_loss(self, features: Sequence[Tensor], index: int) -> Tensor:
         """Training loss of one level from precomputed clean features (jitter applied here).
@@ -163,6 +175,17 @@ class RLRModel(nn.Module):
         source = self.jitter([target])[0] if self.jitter is not None else target
         return self.loss_fn(self.decoder.forward_level(index, source), target)
 
+    def level_maps(self, images: Tensor) -> list[Tensor]:
+        """Per-level RLR scores ``mean_C((x - x_hat)^2) + 1 - cos_C`` as ``(B, 1, h_i, w_i)`` maps (no grad).
+
+        The evaluation protocol upsamples each level straight to the evaluation size and averages them,
+        as RLR's ``trainer.py::test_separate`` does at the image size.
+        """
+        with torch.no_grad():
+            features = self.extract_features(images)
+            recons = self.decoder(features)
+            return [mse_cosine_score(r, f).unsqueeze(1) for r, f in zip(recons, features)]
+
     def anomaly_map(self, images: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         """RLR anomaly map: per-level ``mean_C((x - x_hat)^2) + 1 - cos_C``, resized and averaged.
 
@@ -177,53 +200,14 @@ class RLRModel(nn.Module):
             ``(B, 1, h, w)`` unsmoothed map (smoothing and image scores are the evaluator's job).
 
         """
-        with torch.no_grad():
-            features = self.extract_features(images)
-            recons = self.decoder(features)
-            scores = [mse_cosine_score(r, f).unsqueeze(1) for r, f in zip(recons, features)]
-            out_size = tuple(size) if size is not None else tuple(scores[0].shape[-2:])
-            maps = [F.interpolate(s, size=out_size, mode="bilinear", align_corners=True) for s in scores]
-            return torch.stack(maps, dim=0).mean(dim=0)
+        scores = self.level_maps(images)
+        out_size = tuple(size) if size is not None else tuple(scores[0].shape[-2:])
+        maps = [F.interpolate(s, size=out_size, mode="bilinear", align_corners=True) for s in scores]
+        return torch.stack(maps, dim=0).mean(dim=0)
 
     def forward(self, images: Tensor) -> Tensor:
         """Inference: the anomaly map at the finest level's resolution (see :meth:`anomaly_map`)."""
         return self.anomaly_map(images)
-
-    def dense_features(self, images: Tensor, jitter: bool = False) -> list[Tensor]:
-        """Hook for contrastive plug-ins: last hidden tokens of every level as maps.
-
-        Gradients flow into the decoder (not into the backbone).
-
-        Args:
-            images: ``(B, 3, H, W)``.
-            jitter: Apply the training jitter to the input first.
-
-        Returns:
-            ``(B, d_i, h_i, w_i)`` maps (after the final LayerNorm, before the output projection).
-
-        """
-        features = self.extract_features(images)
-        if jitter and self.jitter is not None:
-            features = self.jitter(features)
-        return self.decoder.forward_with_hidden(features)[1]
-
-    @staticmethod
-    def pool_global(dense: Sequence[Tensor]) -> Tensor:
-        """Concatenates the spatial means of per-level maps: ``(B, sum_i d_i)``."""
-        return torch.cat([d.mean(dim=(-2, -1)) for d in dense], dim=1)
-
-    def global_embedding(self, images: Tensor, jitter: bool = False) -> Tensor:
-        """Hook for contrastive plug-ins: global average of :meth:`dense_features`, levels concatenated.
-
-        Args:
-            images: ``(B, 3, H, W)``.
-            jitter: Apply the training jitter to the input first.
-
-        Returns:
-            ``(B, sum_i d_i)``.
-
-        """
-        return self.pool_global(self.dense_features(images, jitter=jitter))
 
     def level_parameters(self) -> list[list[nn.Parameter]]:
         """Trainable parameters grouped per level (one optimiser per level, A-RLR3)."""
@@ -280,7 +264,7 @@ def rlr_optimization_step(
     if schedule == "summed":
         if len(opts) != 1:
             raise ValueError("schedule='summed' needs exactly one optimizer.")
-        losses = model.forward_train(images)[0]
+        losses = model.forward_train(images).losses
         total = torch.stack(losses).sum()
         if should_step is None or should_step(total):
             opts[0].zero_grad(set_to_none=True)

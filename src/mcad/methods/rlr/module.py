@@ -10,16 +10,14 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from mcad.methods.base import AnomalyMaps, AnomalyModule
+from mcad.evaluation.protocol import AnomalyMaps
+from mcad.methods.base import AnomalyModule
+from mcad.methods.plugins.base import Batch, ContrastiveFeatures
 from mcad.methods.rlr.model import SCHEDULES, MSECosineLoss, RLRModel, rlr_optimization_step
 from mcad.models.blocks.rlr import RLRDecoder, out_index_from_stride
-
-#: ``map_resolution`` choices: ``input`` resizes every level straight to the input size (RLR
-#: ``trainer.py::test_separate``); ``finest`` stops at the finest level's grid and leaves the
-#: upsampling to the evaluator (cheaper; differs by bilinear-of-bilinear interpolation only).
-MAP_RESOLUTIONS = ("input", "finest")
 
 
 def build_decoder(
@@ -73,8 +71,6 @@ class RLRModule(AnomalyModule):
             gradients, the official loop under its pinned torch 1.12 (E-RLR1).
         scheduler: Partial LR schedule called with ``(optimizer, total_steps)`` and stepped once per
             batch, or ``None`` (RLR: constant LR).
-        map_resolution: ``input`` (RLR: each level's map resized straight to the input size) or
-            ``finest`` (the finest level's grid; the evaluator upsamples).
         protocol: Evaluation protocol.
         on_nonfinite: ``raise`` or ``skip`` batches (levels, under manual optimisation) with a NaN/Inf loss.
     """
@@ -90,15 +86,12 @@ class RLRModule(AnomalyModule):
         crop_size: int | None = None,
         optimization: str = "summed",
         scheduler: Callable[..., Any] | None = None,
-        map_resolution: str = "input",
         protocol: Any = None,
         on_nonfinite: str = "raise",
     ) -> None:
         super().__init__(protocol=protocol, on_nonfinite=on_nonfinite, loss=loss, default_loss=MSECosineLoss)
         if optimization not in SCHEDULES:
             raise ValueError(f"method.optimization must be one of {SCHEDULES}, got '{optimization}'.")
-        if map_resolution not in MAP_RESOLUTIONS:
-            raise ValueError(f"method.map_resolution must be one of {MAP_RESOLUTIONS}, got '{map_resolution}'.")
         if synthesizer is not None and getattr(synthesizer, "level", "image") != "feature":
             raise ValueError(
                 "RLR trains on normal images with a feature-level synthesizer (synthesizer=feature_jitter or "
@@ -111,7 +104,6 @@ class RLRModule(AnomalyModule):
         built = build_decoder(decoder, list(backbone.channels), list(backbone.strides), self.input_size)
         self.model = RLRModel(backbone, built, jitter=synthesizer, avg_pool=False, loss_fn=self.loss_fn)
         self.optimization = optimization
-        self.map_resolution = map_resolution
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         # Manual optimisation only where the official per-level stepping must be reproduced literally.
@@ -124,8 +116,27 @@ class RLRModule(AnomalyModule):
 
     def training_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Per-level losses and their sum (``optimization=summed``)."""
-        losses = self.model.forward_train(batch["image"])[0]
+        losses = self.model.forward_train(batch["image"]).losses
         return {"loss": sum(losses[1:], losses[0]), **self._named(losses)}
+
+    def contrastive_forward(self, batch: Batch) -> tuple[dict[str, Tensor], ContrastiveFeatures]:
+        """RLR's level losses and, for a plug-in, each level's input embedding of both views.
+
+        The clean view's training pass is the ordinary one (jittered inputs, clean targets). The augmented
+        view only runs the frozen backbone and the levels' linear input embeddings, so a plug-in costs one
+        frozen backbone pass and a few linear maps per step. The dense features are those embeddings of the
+        clean (unjittered) features of each view, the global embedding their spatial means concatenated, and
+        the views are matched on the frozen pooled backbone features.
+        """
+        out = self.model.forward_train(batch["image"])
+        features_aug = self.model.extract_features(batch["image_aug"])
+        dense = self.model.input_embeddings(out.features)
+        dense_aug = self.model.input_embeddings(features_aug)
+        features = ContrastiveFeatures(
+            dense=dense, dense_aug=dense_aug, embedding=_pooled(dense), embedding_aug=_pooled(dense_aug),
+            correspondence=out.features, correspondence_aug=features_aug,
+        )  # fmt: skip
+        return {"loss": sum(out.losses[1:], out.losses[0]), **self._named(out.losses)}, features
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         """Automatic optimisation: the base class's step; manual: RLR's level-by-level steps."""
@@ -167,19 +178,10 @@ class RLRModule(AnomalyModule):
 
     # ---------------------------------------------------------------------------------- inference
     def anomaly_maps(self, images: Tensor) -> AnomalyMaps:
-        """RLR's map: per level ``mean_C((x - x_hat)^2) + 1 - cos``, resized, averaged over levels."""
-        size = tuple(images.shape[-2:]) if self.map_resolution == "input" else None
-        return AnomalyMaps(self.model.anomaly_map(images, size=size))
+        """RLR's per-level maps ``mean_C((x - x_hat)^2) + 1 - cos``; the protocol resizes and averages them."""
+        return AnomalyMaps(self.model.level_maps(images))
 
-    # ---------------------------------------------------------------------------------- plug-in hooks
-    def dense_features(self, images: Tensor) -> list[Tensor]:
-        """Last hidden tokens of every level as ``(B, d_i, h_i, w_i)`` maps (clean input, with gradients)."""
-        return self.model.dense_features(images)
 
-    def global_embedding(self, images: Tensor) -> Tensor:
-        """Spatial means of :meth:`dense_features`, levels concatenated: ``(B, sum_i d_i)``."""
-        return self.model.global_embedding(images)
-
-    def correspondence_features(self, images: Tensor) -> list[Tensor]:
-        """The frozen (pooled) backbone features, on the same grids as :meth:`dense_features`."""
-        return self.model.extract_features(images)
+def _pooled(maps: list[Tensor]) -> Tensor:
+    """Spatial means of per-level maps, concatenated: ``(B, sum_i d_i)``."""
+    return torch.cat([m.mean(dim=(-2, -1)) for m in maps], dim=1)

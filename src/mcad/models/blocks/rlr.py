@@ -329,6 +329,7 @@ class RLRDecoder(nn.Module):
         gates: Fixed branch weights ``(g_lca, g_mlka)``.
         dropout: Dropout (RLR: 0).
         attention_residual: Deviation: residual around the attention fusion (RLR: off).
+        reference_std: Standard deviation of every level's reference initialisation (RLR: ``randn``, 1).
 
     """
 
@@ -349,6 +350,7 @@ class RLRDecoder(nn.Module):
         gates: tuple[float, float] = (2.0, 1.0),
         dropout: float = 0.0,
         attention_residual: bool = False,
+        reference_std: float = 1.0,
     ) -> None:
         super().__init__()
         n = len(in_channels)
@@ -383,6 +385,7 @@ class RLRDecoder(nn.Module):
                 gates=gates,
                 dropout=dropout,
                 attention_residual=attention_residual,
+                reference_std=reference_std,
             )
             for c, g, d, k in zip(self.in_channels, self.grid_sizes, self.hidden_dims, window_sizes)
         )

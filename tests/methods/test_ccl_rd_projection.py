@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mcad.models.blocks.projection import MultiProjectionLayer, ProjLayer, projection_param_count
+from mcad.methods.ccl_rd.components.projection import MultiProjectionLayer, ProjLayer, projection_param_count
 
 WRN50_CHANNELS = [256, 512, 1024]
 

@@ -1,0 +1,184 @@
+"""CCL on RD against numbers recorded from both official code versions (``ccl_v1.json``, ``ccl_head.json``).
+
+The fixtures were written by ``experiments/parity/ccl.py --write-fixture`` from LGC-AD/AD-LGC 204b215 (v1) and
+6502f68 (HEAD) with weights copied from ours, feature noise off on both sides and the dense-loss negatives drawn
+from the same global-RNG seed. Here only our side is rebuilt, without any official code: the configured global
+term (HEAD: the recipe default must be ``ccl_head``), parameter counts, the anomaly map and image scores, the
+three losses of one training step, the gradient norm, and an AD-LGC checkpoint (rebuilt from its manifest)
+imported with ``mcad.methods.ccl_rd.official.convert_official_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mcad.methods.ccl_rd.official import convert_official_checkpoint
+from mcad.utils.seeded import seeded_images, seeded_init_
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = REPO / "tests" / "fixtures" / "parity"
+TOL = 1e-5  # float32 forward outputs, losses and maps
+
+
+def parity_common() -> Any:
+    """``experiments/parity/common.py`` (our build and inference path, no official code), loaded by path."""
+    name = "mcad_parity_common"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / "parity" / "common.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def close(what: str, ours: Any, official: Any, tol: float = TOL) -> None:
+    a = torch.as_tensor(ours, dtype=torch.float64)
+    b = torch.as_tensor(official, dtype=torch.float64)
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs the official {tuple(b.shape)}"
+    diff = float((a - b).abs().max())
+    head = f"ours {a.flatten()[:3].tolist()}, official {b.flatten()[:3].tolist()}"
+    assert diff <= tol, f"{what}: max |ours - official| = {diff:.3e} > {tol:.0e} ({head})"
+
+
+def check_maps(what: str, maps: torch.Tensor, scores: torch.Tensor, expected: dict[str, Any]) -> None:
+    """Map statistics, 16x16 pooled maps and image scores against the fixture; every excess is listed."""
+    common = parity_common()
+    diffs: dict[str, float] = {}
+    for i, m in enumerate(maps):
+        stats = common.map_stats(m)
+        for key in ("mean", "std", "min", "max"):
+            diffs[f"map {key}"] = max(diffs.get(f"map {key}", 0.0), abs(stats[key] - expected["stats"][i][key]))
+        pooled = torch.tensor(common.pooled_map(m), dtype=torch.float64)
+        diff = float((pooled - torch.tensor(expected["pooled"][i], dtype=torch.float64)).abs().max())
+        diffs["16x16 pooled map"] = max(diffs.get("16x16 pooled map", 0.0), diff)
+    diffs["image scores"] = float((scores.double() - torch.tensor(expected["scores"], dtype=torch.float64)).abs().max())
+    bad = {k: v for k, v in diffs.items() if not v <= TOL}
+    listed = ", ".join(f"{k} {v:.2e}" for k, v in bad.items())
+    assert not bad, (
+        f"{what}: max |ours - official| above {TOL:.0e}: {listed} (official map range {_range(expected):.3g})"
+    )
+
+
+def _range(expected: dict[str, Any]) -> float:
+    return max(s["max"] - s["min"] for s in expected["stats"])
+
+
+def plugin(method: Any) -> Any:
+    # `loss_plugin` since the plug-in refactoring; `ccl` at c9d8543 (so that the test also runs there).
+    return getattr(method, "loss_plugin", None) or method.ccl
+
+
+def training_terms(method: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The loss terms of our training step (``AnomalyModule.training_step`` with the CCL plug-in)."""
+    if getattr(method, "loss_plugin", None) is None:  # c9d8543: the method computed the terms itself
+        losses = method.training_losses(batch)
+        return {"cos": losses["cos"], "dense": losses["dense"], "global": losses["global"], "total": losses["loss"]}
+    losses, features = method.contrastive_forward(batch)
+    extra = method.loss_plugin(features, batch)
+    total = losses["loss"] + sum(extra.values())
+    return {"cos": losses["cos"], "dense": extra["ccl_dense"], "global": extra["ccl_global"], "total": total}
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.fixture(scope="module", params=["ccl_v1", "ccl_head"])
+def rebuilt(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Our side of one fixture, computed once."""
+    fx = json.loads((FIXTURES / f"{request.param}.json").read_text())
+    common = parity_common()
+    label = f"CCL-on-RD ({fx['variant']}: {fx['official']['repo']}@{fx['official']['commit']})"
+    method = common.build_method(fx["overrides"])
+    seeded_init_(method.model, fx["seed"])
+    spec = fx["input"]
+    images = seeded_images(spec["seed"], spec["batch"], spec["size"])
+    view = spec["second_view"]
+    images_aug = torch.roll(torch.flip(images, dims=view["flip"]), shifts=view["shift"], dims=(2, 3))
+    labels = torch.tensor(spec["labels"])
+    model = method.model
+    out: dict[str, Any] = {"fx": fx, "label": label, "global_cl": plugin(method).terms.global_cl}
+    out["params"] = {
+        "teacher": n_params(model.teacher),
+        "ocbe": n_params(model.rd.ocbe),
+        "decoder": n_params(model.rd.decoder),
+        "proj": n_params(model.proj),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    out["maps"], out["scores"] = common.evaluate_images(method, images)
+    method.train()
+    torch.manual_seed(spec["loss_seed"])  # the dense term's negatives come from the global RNG, as officially
+    batch = {"image": images, "image_aug": images_aug, "class_id": labels, "contrast_label": labels}
+    losses = training_terms(method, batch)
+    losses["total"].backward()
+    out["losses"] = {k: v.item() for k, v in losses.items()}
+    out["grad_norm"] = common.grad_norm([p for p in model.parameters() if p.requires_grad])
+    ckpt = fx["checkpoint"]
+    official_file = common.rebuild_from_manifest(ckpt["manifest"], ckpt["seed"])
+    method.load_state_dict(convert_official_checkpoint(official_file, reference=method.state_dict()))
+    out["ckpt_maps"], out["ckpt_scores"] = common.evaluate_images(method, images)
+    return out
+
+
+def test_global_term_is_the_official_one(rebuilt: dict[str, Any]) -> None:
+    expected = rebuilt["fx"]["global_cl"]
+    assert rebuilt["global_cl"] == expected, (
+        f"{rebuilt['label']}: our overrides {rebuilt['fx']['overrides']} select loss.global_cl="
+        f"'{rebuilt['global_cl']}', the official global term is '{expected}' (conf/loss/ccl.yaml terms.global_cl)"
+    )
+
+
+def test_parameter_counts(rebuilt: dict[str, Any]) -> None:
+    for key, official in rebuilt["fx"]["params"].items():
+        assert rebuilt["params"][key] == official, (
+            f"{rebuilt['label']}: {key} has {rebuilt['params'][key]:,} parameters, the official {official:,}"
+        )
+
+
+def test_anomaly_map_and_scores(rebuilt: dict[str, Any]) -> None:
+    check_maps(
+        f"{rebuilt['label']}: anomaly map at evaluation size", rebuilt["maps"], rebuilt["scores"], rebuilt["fx"]["map"]
+    )
+
+
+@pytest.mark.parametrize("term", ["cos", "dense", "global", "total"])
+def test_training_losses(rebuilt: dict[str, Any], term: str) -> None:
+    close(
+        f"{rebuilt['label']}: {term} loss of one training step", rebuilt["losses"][term], rebuilt["fx"]["losses"][term]
+    )
+
+
+def test_gradient_norm(rebuilt: dict[str, Any]) -> None:
+    official = rebuilt["fx"]["grad_norm"]
+    close(
+        f"{rebuilt['label']}: gradient norm before clipping", rebuilt["grad_norm"], official, 1e-5 * max(1.0, official)
+    )
+
+
+def test_official_checkpoint_import(rebuilt: dict[str, Any]) -> None:
+    check_maps(
+        f"{rebuilt['label']}: AD-LGC checkpoint imported with convert_official_checkpoint",
+        rebuilt["ckpt_maps"],
+        rebuilt["ckpt_scores"],
+        rebuilt["fx"]["checkpoint"]["map"],
+    )
+
+
+def test_converter_refuses_a_plain_rd_checkpoint_and_unknown_keys() -> None:
+    from mcad.methods.ccl_rd.official import OfficialCheckpointError
+
+    with pytest.raises(OfficialCheckpointError, match="method=rd"):
+        convert_official_checkpoint({"net": {"mff_oce.conv1.weight": torch.ones(1)}, "epoch": 1})
+    with pytest.raises(OfficialCheckpointError, match="proj_layer.proj_d"):
+        convert_official_checkpoint(
+            {"proj_layer.proj_a.proj.0.weight": torch.ones(1), "proj_layer.proj_d.proj.0.weight": torch.ones(1)}
+        )
+    out = convert_official_checkpoint({"module.proj_layer.proj_c.proj.9.bias": torch.ones(2)})
+    assert list(out) == ["model.proj.layers.2.proj.9.bias"]
