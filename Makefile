@@ -30,6 +30,7 @@ test-fast: install
 lint: install
 	$(VENV)/bin/ruff check src tests experiments train.py
 	$(VENV)/bin/ruff format --check src tests experiments train.py
+	$(VENV)/bin/mypy
 
 format: install
 	$(VENV)/bin/ruff check --fix src tests experiments train.py

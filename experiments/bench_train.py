@@ -37,9 +37,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from mcad.logging import workflow_callbacks
 from mcad.build import build_components
 from mcad.config import config_dir
+from mcad.logging import workflow_callbacks
 from mcad.training.efficiency import count_flops
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ def bare_loop(
             batch = next(it)
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = method.training_losses(batch)["loss"]
+            loss = method.compute_losses(batch)["loss"]
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -212,7 +212,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="alternating Lightning/bare rounds (pooled steps)")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--precision", default="32-true")
-    parser.add_argument("--channels-last", action="store_true", help="NHWC weights (mcad.training.callbacks.ChannelsLast)")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="NHWC weights (mcad.training.callbacks.ChannelsLast)"
+    )
     parser.add_argument("--paper", action="store_true", help="paper backbones (random weights) instead of Lite0")
     args = parser.parse_args()
     available = {p.stem for p in (Path(config_dir()) / "method").glob("*.yaml")}

@@ -6,15 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from mcad.config import config_dir
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-REAL_DATA = REPO_ROOT.parent / "shared" / "data" / "real"
+from helpers import REAL_DATA, compose_config, threads
 
 # Small synthetic runs: 4 classes x (12 train, 4 + 4 test) images at 128 px.
 FAST_DATA = [
@@ -45,24 +39,6 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(env) if env else tmp_path_factory.mktemp("mcad-cache")
 
 
-def compose_config(overrides: list[str], output_dir: Path, cache: Path) -> DictConfig:
-    """Composes ``train.yaml`` like the command line would, with paths pointing into tmp folders."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=[*overrides, f"hydra.run.dir={output_dir}"],
-            return_hydra_config=True,
-        )
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(REPO_ROOT)
-        cfg.paths.output_dir = str(output_dir)
-        cfg.paths.cache_dir = str(cache)
-        del cfg.hydra
-    return cfg
-
-
 @pytest.fixture
 def make_config(tmp_path: Path, cache_dir: Path):
     """``make_config(overrides) -> DictConfig`` writing into this test's tmp folder."""
@@ -71,6 +47,13 @@ def make_config(tmp_path: Path, cache_dir: Path):
         return compose_config(overrides, output_dir or tmp_path / "run", cache_dir)
 
     return _make
+
+
+@pytest.fixture
+def two_threads():
+    """Two torch threads for the test (the CI machine's cores), restored afterwards."""
+    with threads(2):
+        yield
 
 
 @pytest.fixture

@@ -179,7 +179,9 @@ class ParityTable:
     title: str
     rows: list[tuple[str, str, str, float | None, float | None]] = field(default_factory=list)
 
-    def add(self, quantity: str, diff: float | None, tol: float | None = 1e-5, official: Any = "", ours: Any = "") -> None:
+    def add(
+        self, quantity: str, diff: float | None, tol: float | None = 1e-5, official: Any = "", ours: Any = ""
+    ) -> None:
         """Adds a comparison; ``tol=None`` records a known difference (reported, never failing)."""
         self.rows.append((quantity, _fmt(official), _fmt(ours), diff, tol))
 
@@ -374,7 +376,7 @@ def rebuild_from_manifest(manifest: Any, seed: int) -> Any:
     statistics positive, norm scales near 1, weights fan-in scaled), keyed by the tensor's rank in the file, so
     the same manifest and seed always give the same file. Integer tensors are zeros.
     """
-    from mcad.utils.seeded import _fill
+    from mcad.utils.seeded import seeded_fill
 
     counter = [0]
 
@@ -389,7 +391,7 @@ def rebuild_from_manifest(manifest: Any, seed: int) -> Any:
         counter[0] += 1
         if not empty.is_floating_point():
             return empty
-        return _fill(name, empty, seed, 7_000_000 + counter[0])
+        return seeded_fill(name, empty, seed, 7_000_000 + counter[0])
 
     return build(manifest, "")
 

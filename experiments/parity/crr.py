@@ -4,11 +4,11 @@ Official side, imported from the checkout: the DINOv2 encoder exactly as ``model
 (``dinov2.models.vision_transformer.vit_base``, 518 px, 4 registers, ``init_values=1e-8``, ``block_chunks=0``,
 ``interpolate_offset=0.1``, ``interpolate_antialias=False``; the file's own loader is not called: it downloads),
 ``models/uad.py::ViTill`` with ``bMlp6(drop, lambda_mgd=0.4)`` and 8 ``Block(attn=LinearAttention2)`` as
-``dinomaly_realiad_uni_first.py:121-135``, ``DecoderReconstructive(192, 2)`` (``…_second.py:135``), the losses
+``dinomaly_realiad_uni_first.py:124-135``, ``DecoderReconstructive(192, 2)`` (``…_second.py:139``), the losses
 ``utils.global_cosine_hm_percent`` / ``utils.FocalLoss``, ``optimizers.StableAdamW``, ``utils.WarmCosineScheduler``
 and the test function ``utils.evaluation_batch_adeval_three_visualize`` (``…_test.py:116``, ``alpha=0.7``), whose
 smoothed maps are recorded by wrapping ``utils.get_gaussian_kernel``. Stage-I / stage-II loop bodies (two passes
-and the sum of the two loss calls, ``…_first.py:164-173``; softmax, mask resize and threshold,
+and the sum of the two loss calls, ``…_first.py:164-174``; softmax, mask resize and threshold,
 ``…_second.py:170-189``) are inline script code and are re-expressed here.
 
 Our side: ``experiment=crr_mvtec backbone.pretrained=false backbone.img_size=<size>`` (the paper recipe with its
@@ -83,6 +83,7 @@ GAMMA_SCALE = 10.0
 POS_KEY = 881_001
 NATIVE_SIDE = 37  # DINOv2's 518 px / 14
 DRAWS = 5  # official random-mask draws averaged for the mask_at_test=false row
+FILE_SEEDS = {"model.pth": 0, "Seg_model_7999.pth": 17}  # seed offsets of the rebuilt official files
 TOL = 1e-5
 
 
@@ -162,7 +163,7 @@ def our_stage1(method: nn.Module, batch: dict[str, Tensor], it: int, seed: int) 
         warnings.simplefilter("ignore")  # self.log without a trainer
         losses = method.training_losses(batch)
     losses["loss"].backward()
-    return {k: float(v) for k, v in losses.items()}
+    return {k: float(v.detach()) for k, v in losses.items()}
 
 
 def our_stage2(method: nn.Module, batch: dict[str, Tensor], seed: int, seg_input: Tensor | None = None) -> float:
@@ -198,7 +199,8 @@ def official_files(manifests: dict[str, Any], seed: int) -> dict[str, dict[str, 
     The seeded fill gives a position table of std ~1e-3 and LayerScale 0.02; the table is rescaled to std 0.5 and
     the gammas x10 so that the position-table conversion and every encoder block matter for the map.
     """
-    files = {name: common.rebuild_from_manifest(m, seed + 17 * i) for i, (name, m) in enumerate(manifests.items())}
+    # Seed offsets by file name: the fixture's JSON sorts its keys, so the manifests' order cannot be used.
+    files = {name: common.rebuild_from_manifest(m, seed + FILE_SEEDS[name]) for name, m in manifests.items()}
     model = files.get("model.pth")
     if model is not None:
         with torch.no_grad():
@@ -352,7 +354,7 @@ def official_encoder(off: Any) -> nn.Module:
 
 
 def official_decoder(off: Any, embed_dim: int = 768, num_heads: int = 12) -> nn.ModuleList:
-    """``…_first.py:127-133``: 8 ``Block(attn=LinearAttention2)``, LN eps 1e-8, qkv bias."""
+    """``…_first.py:127-131``: 8 ``Block(attn=LinearAttention2)``, LN eps 1e-8, qkv bias."""
     from functools import partial
 
     return nn.ModuleList(
@@ -372,12 +374,12 @@ def official_vitill(off: Any, bottleneck: nn.Module) -> nn.Module:
 
 
 def off_trainable(model: nn.Module) -> nn.ModuleList:
-    """``trainable = nn.ModuleList([bottleneck, decoder])`` (``…_first.py:138``)."""
+    """``trainable = nn.ModuleList([bottleneck, decoder])`` (``…_first.py:137``)."""
     return nn.ModuleList([model.bottleneck, model.decoder])
 
 
 def official_stage1(off: Any, model: nn.Module, x: Tensor, x_syn: Tensor, it: int, seed: int) -> dict[str, float]:
-    """``…_first.py:164-173`` in eval mode: two passes, the sum of the two hard-mined losses; gradients left."""
+    """``…_first.py:164-174`` in eval mode: two passes, the sum of the two hard-mined losses; gradients left."""
     model.eval()
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
@@ -388,7 +390,7 @@ def official_stage1(off: Any, model: nn.Module, x: Tensor, x_syn: Tensor, it: in
     repair = off.utils.global_cosine_hm_percent(en, de_aug, p=p, factor=0.1)
     loss = normal + repair
     loss.backward()
-    return {"loss": float(loss), "normal": float(normal), "repair": float(repair)}
+    return {"loss": float(loss.detach()), "normal": float(normal.detach()), "repair": float(repair.detach())}
 
 
 def official_stage2(
@@ -409,7 +411,7 @@ def official_stage2(
     target = torch.where(target < 0.5, torch.zeros_like(target), torch.ones_like(target))
     loss = off.utils.FocalLoss()(prob, target)
     loss.backward()
-    return float(loss), output
+    return float(loss.detach()), output
 
 
 def relative_grad_diff(ours: dict[str, Tensor], official: dict[str, Tensor]) -> tuple[float, float]:
@@ -449,7 +451,7 @@ def stage1_step(
 ) -> dict[str, Any]:
     """One stage-I optimiser step on both sides at iteration ``it``, parameters restored afterwards.
 
-    Official: ``StableAdamW`` + ``WarmCosineScheduler`` as ``…_first.py:140-143``, ``clip_grad_norm(0.1)``
+    Official: ``StableAdamW`` + ``WarmCosineScheduler`` as ``…_first.py:148-151``, ``clip_grad_norm(0.1)``
     (``:178``). Ours: the method's ``configure_optimizers`` and Lightning's norm clipping at
     ``trainer.gradient_clip_val``. The official side steps from ``official_grads`` (default: ``our_grads``,
     i.e. identical gradients; keys are ours).
@@ -668,7 +670,7 @@ def run(folder: Path, seed: int, size: int, write: bool) -> common.ParityTable:
         ours_params = dict(method.named_parameters())
         for k, p in seg_net.named_parameters():  # one step from identical gradients
             ours_params[seg_key(k)].grad = p.grad.detach().clone()
-        adam_off = torch.optim.Adam([{"params": seg_net.parameters(), "lr": 0.0001}])  # …_second.py:152
+        adam_off = torch.optim.Adam([{"params": seg_net.parameters(), "lr": 0.0001}])  # …_second.py:153
         adam_ours = method.seg_optimizer_factory(method.seg_head.parameters())
         adam_off.step()
         adam_ours.step()

@@ -79,7 +79,7 @@ def our_train_loss(method: nn.Module, x: Tensor, it: int, seed: int) -> float:
 
 
 def official_resize(raw: Tensor, input_size: int, eval_size: int = 256) -> Tensor:
-    """The official evaluation's resize of a raw ``(B, 1, h, w)`` map (``utils.py:358-364``): input size, then 256."""
+    """The official evaluation's resize of a raw ``(B, 1, h, w)`` map (``utils.py:367-371``): input size, then 256."""
     up = F.interpolate(raw, size=(input_size, input_size), mode="bilinear", align_corners=True)
     return F.interpolate(up, size=eval_size, mode="bilinear", align_corners=False)[:, 0]
 
@@ -124,7 +124,7 @@ def official_train_loss(off: Any, model: nn.Module, x: Tensor, it: int, seed: in
     loss = off.utils.global_cosine_hm_percent(en, de, p=p, factor=0.1)
     loss.backward()
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 # ------------------------------------------------------------------------------------------ the comparison

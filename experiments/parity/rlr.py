@@ -99,7 +99,7 @@ def official_environment() -> Iterator[None]:
         return create_model(*args, **kwargs)
 
     def stay(self: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        # generate_mask (model.py:170-182) builds float32 masks and moves them to CUDA.
+        # generate_mask (model.py:171,178) builds float32 masks and moves them to CUDA.
         return self.to(torch.get_default_dtype()) if self.is_floating_point() else self
 
     torch.Tensor.cuda = stay
@@ -111,7 +111,7 @@ def official_environment() -> Iterator[None]:
 
 
 def cpu_defaults(function: Any) -> None:
-    """Replaces ``torch.device('cuda')`` default arguments (embedding.py:7,43) by the CPU."""
+    """Replaces ``torch.device('cuda')`` default arguments (embedding.py:7,49) by the CPU."""
     defaults = function.__defaults__ or ()
     function.__defaults__ = tuple(
         torch.device("cpu") if isinstance(d, torch.device) and d.type == "cuda" else d for d in defaults
@@ -124,7 +124,7 @@ def quiet() -> contextlib.AbstractContextManager:
 
 
 class Recording(nn.Module):
-    """Wraps one of the official criteria (trainer.py:51-52) and records every call's inputs and output."""
+    """Wraps one of the official criteria (trainer.py:53-54) and records every call's inputs and output."""
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
@@ -252,7 +252,7 @@ def import_official(folder: Path) -> SimpleNamespace:
 
 
 def official_args(save_dir: Path, **extra: Any) -> argparse.Namespace:
-    """The README arguments plus what main.py derives from them (main.py:70-75)."""
+    """The README arguments plus what main.py derives from them (main.py:76-80)."""
     args = argparse.Namespace(**{**README_ARGS, **extra})
     args.root_path = str(save_dir)
     args.save_path = str(save_dir / "save")
@@ -267,7 +267,7 @@ def official_trainer(off: SimpleNamespace, save_dir: Path, method: Any, copy_dec
     """A ``Trainer`` whose models come from the official ``build_model``, holding our seeded weights.
 
     ``Trainer.__init__`` builds data loaders from folders on disk; the bare object gets the attributes that
-    ``__init__`` sets (trainer.py:25-53) instead, with in-memory loaders set by the caller.
+    ``__init__`` sets (trainer.py:25-54) instead, with in-memory loaders set by the caller.
     """
     t = object.__new__(off.trainer.Trainer)
     t.args = official_args(save_dir, **extra)
@@ -734,7 +734,7 @@ def float64_table(off: SimpleNamespace, seed: int, tmp: Path) -> ParityTable:
         for legacy in (True, False):
             t = official_trainer(off, tmp / f"f64-{legacy}", method, feature_jitter=0.0, batch_size=1)
             use_our_position_tables(method, t)
-            t.encoder = InDefaultDtype(t.encoder)  # trainer.py:155 casts the images to float32
+            t.encoder = InDefaultDtype(t.encoder)  # trainer.py:154 casts the images to float32
             runs[legacy] = official_train(off, t, images, seed, legacy)
     finally:
         torch.set_default_dtype(previous)
@@ -892,9 +892,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     folder = checkout(args.official, OFFICIAL, allow_other_commit=args.allow_other_commit)
     off = import_official(folder)
-    seed, jitter_seed = args.seed, args.seed + JITTER_SEED_OFFSET
-    tmp = Path(tempfile.mkdtemp(prefix="rlr-parity-"))
+    # The official code writes its model files (about 90 MB each) into save folders: all under one temporary folder.
+    with tempfile.TemporaryDirectory(prefix="rlr-parity-") as folder:
+        return run(args, off, Path(folder))
 
+
+def run(args: argparse.Namespace, off: SimpleNamespace, tmp: Path) -> int:
+    """All tables (and the fixture) with the official code's files under ``tmp``."""
+    seed, jitter_seed = args.seed, args.seed + JITTER_SEED_OFFSET
     method = seeded_method(seed)
     train_images = seeded_images(seed, TRAIN_BATCH, SIZE)
     eval_images = seeded_images(seed + 1, EVAL_BATCH, SIZE)

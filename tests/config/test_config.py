@@ -5,8 +5,8 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from mcad.config.validate import ConfigError, validate_config
 from mcad.config import config_dir
+from mcad.config.validate import ConfigError, validate_config
 
 CONF = Path(config_dir())
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))

@@ -7,11 +7,11 @@ from PIL import Image
 
 import mcad.data.datamodule as datamodule_module
 from mcad.data.datamodule import MultiClassDataModule
-from mcad.data.requests import DataRequest, SecondView
 from mcad.data.datasets.mvtec import mvtec_layout_records
 from mcad.data.datasets.synthetic import generate_synthetic_dataset
 from mcad.data.datasets.visa import visa_records
 from mcad.data.io import DataError
+from mcad.data.requests import DataRequest, SecondView
 
 
 def _img(path, size=(20, 16), value=100):
@@ -244,7 +244,8 @@ def test_configure_after_setup_is_refused(tmp_path):
 
 def test_request_merge_combines_needs_and_refuses_conflicts():
     view = SecondView(rotate_limit=30.0)
-    merged = DataRequest(normalization=((0.5,) * 3, (0.2,) * 3)).merge(DataRequest(second_view=view, mixed_batches=True))
-    assert merged.second_view == view and merged.mixed_batches and merged.normalization == ((0.5,) * 3, (0.2,) * 3)
+    stats = ((0.5,) * 3, (0.2,) * 3)
+    merged = DataRequest(normalization=stats).merge(DataRequest(second_view=view, mixed_batches=True))
+    assert merged.second_view == view and merged.mixed_batches and merged.normalization == stats
     with pytest.raises(ValueError, match="second_view"):
         merged.merge(DataRequest(second_view=SecondView()))

@@ -20,7 +20,7 @@ def test_param_count_wrn50_levels():
     # per level 11.25·C² weights + 2.25·C biases: 737,856 + 2,950,272 + 11,798,784
     assert _n(m) == 15_486_912 == projection_param_count(WRN50_CHANNELS)
     assert [_n(layer) for layer in m.layers] == [737_856, 2_950_272, 11_798_784]
-    assert _n(m) / 1e6 == pytest.approx(15.5, abs=0.05)  # spec §3.1 "≈15.5 M"
+    assert _n(m) / 1e6 == pytest.approx(15.5, abs=0.05)  # the CCL paper's "about 15.5 M"
     sep = MultiProjectionLayer(WRN50_CHANNELS, separable=True)
     assert _n(sep) == projection_param_count(WRN50_CHANNELS, separable=True)
 

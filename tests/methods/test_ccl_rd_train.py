@@ -22,14 +22,6 @@ KMEANS_LITE0 = [
 ]
 
 
-@pytest.fixture
-def two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _first_batch(method, datamodule):  # noqa: ARG001 - the method documents which run the batch is for
     """One mixed-class training batch as the loader builds it (num_workers=0 in the fast settings)."""
     datamodule.setup("fit")
@@ -38,7 +30,7 @@ def _first_batch(method, datamodule):  # noqa: ARG001 - the method documents whi
 
 def test_ccl_rd_parameter_counts(make_config):
     # ADer RD (55,747,072 trainable / 80,609,600 total, errata E-RD1) + 3 RD++ projection layers for
-    # [256, 512, 1024] (15,486,912, spec §3.1).
+    # [256, 512, 1024] (15,486,912).
     cfg = make_config(["method=ccl_rd", "backbone.pretrained=false"])
     method, _ = build_components(cfg)
     counts = method.parameter_counts()

@@ -22,6 +22,8 @@ from mcad.synthesis.perlin import PerlinSynthesizer, PilAutocontrast
 
 VIT = "vit_small_patch14_reg4_dinov2"
 LEVELS = list(range(2, 10))
+LITE0 = ["backbone=tf_efficientnet_lite0", "backbone.pretrained=false", "decoder.embed_dim=64",
+         "decoder.num_decoder_blocks=2", "count_flops=false"]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -133,7 +135,7 @@ def test_dinov2_backbone_config_is_faithful_by_default(make_config):
 def test_flops_and_onnx_export_with_prefix_tokens(tmp_path):
     pytest.importorskip("onnxruntime")
     from mcad.export import export_onnx, onnx_max_difference
-    from mcad.train import count_flops
+    from mcad.training.efficiency import count_flops
 
     torch.manual_seed(0)
     bb = TimmBackbone(VIT, LEVELS, pretrained=False, img_size=56, prefix_tokens=True,
@@ -164,20 +166,17 @@ def test_dinomaly_recipe_builds(make_config):
     assert cfg.protocol.name == "dinomaly" and cfg.trainer.gradient_clip_val == 0.1
     assert cfg.synthesizer.get("_target_") is None and cfg.method_name == "dinomaly"
     method, datamodule = build_components(cfg)
-    assert datamodule.synthesizer is None and method.seg_head is None and not method.repair
+    assert datamodule.request.synthesizer is None and method.seg_head is None and not method.repair
     assert method.model.bottleneck.mask_ratio == 0.0 and method.model.bottleneck.drop.p == 0.2
     assert [p["name"] for p in method.training_phases()] == ["stage1"]
     assert method.training_phases()[0]["trainer"]["max_steps"] == 10_000
     counts = method.parameter_counts()
     assert counts["params_reconstruction"] == 61_425_408 and counts["params_seg_head"] == 0
-    assert not hasattr(method, "synthesizer")
+    assert method.data_request().synthesizer is None
 
 
 def test_dinomaly_trains_on_clean_images_only(make_config):
-    cfg = make_config([
-        "method=dinomaly", "backbone=tf_efficientnet_lite0", "backbone.pretrained=false", "decoder.embed_dim=64",
-        "decoder.num_decoder_blocks=2", "count_flops=false",
-    ])  # fmt: skip
+    cfg = make_config(["method=dinomaly", *LITE0])
     method, _ = build_components(cfg)
     method.train()
     losses = method.training_losses({"image": torch.randn(2, 3, 64, 64)})  # no synthetic_image needed
@@ -185,6 +184,11 @@ def test_dinomaly_trains_on_clean_images_only(make_config):
     assert set(losses) == {"loss"} and losses["loss"].item() > 0
     assert all(p.grad is not None for p in method.model.trainable_parameters())
     assert method.anomaly_maps(torch.randn(1, 3, 64, 64)).segmentation is None
+    # no synthetic images are asked of the data layer, even with a synthesizer configured; CRR asks for them
+    cfg = make_config([*LITE0, "method=dinomaly", "synthesizer=perlin"])
+    assert build_components(cfg)[0].data_request().synthesizer is None
+    crr, datamodule = build_components(make_config([*LITE0, "method=crr"]))
+    assert crr.data_request().synthesizer is crr.synthesizer is datamodule.request.synthesizer is not None
 
 
 def test_seg_head_none_needs_no_stage2():

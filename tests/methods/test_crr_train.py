@@ -39,11 +39,6 @@ def _threads(request):
     torch.set_num_threads(n)
 
 
-@pytest.fixture
-def two_threads():
-    """Marker fixture: this test trains and may use two intra-op threads."""
-
-
 def _state(path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 

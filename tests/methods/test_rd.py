@@ -1,10 +1,10 @@
 import json
 
+import lightning as L
 import pytest
-import torch
-from hydra.utils import instantiate
 
 from mcad.build import build_components
+from mcad.runs import load_trained_method
 from mcad.train import train
 
 
@@ -30,16 +30,18 @@ def test_rd_trains_and_separates_defects_on_synthetic_data(make_config, fast_dat
     assert saved["protocol"]["name"] == "mcad"
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "run" / "metrics.md").read_text().count("|") > 20
-    # the checkpoint restores the trained weights
-    restored = instantiate(
-        cfg.method,
-        backbone=instantiate(cfg.backbone),
-        decoder=instantiate(cfg.decoder),
-        loss=instantiate(cfg.loss),
-        protocol=instantiate(cfg.protocol),
-    )
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    restored.load_state_dict(state["state_dict"])
+    # the checkpoint restores the trained weights: a rebuilt method with them evaluates to the same metrics,
+    # one without them does not
+    def evaluate(method, datamodule):
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False)
+        trainer.test(method, datamodule=datamodule, verbose=False)
+        return method.test_results["mean"]
+
+    restored, dm = load_trained_method(cfg, tmp_path / "run" / "checkpoints" / "last.ckpt")
+    again = evaluate(restored, dm)
+    assert again == pytest.approx(results["mean"], abs=1e-6)
+    fresh, dm = build_components(cfg)
+    assert evaluate(fresh, dm)["P-AUROC"] != pytest.approx(results["mean"]["P-AUROC"], abs=1e-3)
 
 
 @pytest.mark.slow

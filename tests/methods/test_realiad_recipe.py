@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from mcad.config.validate import validate_config
 from mcad.train import train
@@ -51,14 +50,6 @@ def test_rd_and_ccl_recipes_hold_the_official_values(make_config, experiment, da
     assert (cfg.task_name, cfg.data.name, cfg.method_name, cfg.seed) == (experiment, data, method, 42)
     assert (cfg.data.image_size, cfg.data.batch_size, cfg.trainer.max_epochs) == (256, 16, epochs)
     assert (dict(cfg.data.options) if options is not None else None) == options
-
-
-@pytest.fixture
-def two_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.slow

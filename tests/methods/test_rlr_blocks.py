@@ -12,16 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcad.losses.reconstruction import mse_cosine_loss, mse_cosine_score
-from mcad.methods.rlr.model import RLRModel, rlr_optimization_step
-from mcad.models.blocks.attention import (
+from mcad.methods.rlr.components.attention import (
     LocalCrossAttention,
     MaskedLearnableKeyAttention,
     MultiHeadAttention,
     complement_window_mask,
     local_window_mask,
 )
-from mcad.models.blocks.positional import PositionalEncoding2D, sinusoidal_position_encoding_2d
-from mcad.models.blocks.rlr import (
+from mcad.methods.rlr.components.decoder import (
     DEFAULT_WINDOW_SIZES,
     RLRDecoder,
     RLRLayer,
@@ -30,6 +28,8 @@ from mcad.models.blocks.rlr import (
     resolve_window_size,
     rlr_hidden_dim,
 )
+from mcad.methods.rlr.components.positional import PositionalEncoding2D, sinusoidal_position_encoding_2d
+from mcad.methods.rlr.model import RLRModel, rlr_optimization_step
 from mcad.synthesis.feature_jitter import FeatureJitter, feature_jitter
 
 # Trainable parameters of RLRDecoder for EfficientNet-B6 stages [2, 3] at 256x256
@@ -214,7 +214,7 @@ def test_positional_encoding_values():
 
 
 def reference_level_forward(level: RLRLevelModel, tokens: torch.Tensor) -> torch.Tensor:
-    """Independent re-statement of one RLR level with nn.MultiheadAttention and float masks (spec §4.2)."""
+    """Independent re-statement of one RLR level with nn.MultiheadAttention and float masks."""
     h, w = level.grid_size
     inside = brute_force_window(h, w, level.window_size, level.window_size)
     lca_add = torch.zeros(inside.shape).masked_fill(~inside, float("-inf"))

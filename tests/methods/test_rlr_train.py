@@ -13,21 +13,12 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from mcad.methods.rlr.module import RLRModule
 from mcad.build import build_components
+from mcad.methods.rlr.module import RLRModule
 from mcad.train import train
 
 # Small decoder for the runs on CPU (the faithful sizes are checked by the parameter-count test).
 SMALL_DECODER = ["decoder.num_layers=1", "decoder.hidden_base=16", "decoder.num_heads=2", "decoder.ffn_ratio=2"]
-
-
-@pytest.fixture
-def two_threads():
-    """A busy shared machine: fixed thread count for the training runs, restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_method_config_selects_the_rlr_recipe(make_config):
@@ -148,3 +139,19 @@ def test_rlr_real_data_proxy(make_config, real_data_root, two_threads):
     bottle, cookie = results["per_class"]["bottle"], results["per_class"]["cookie"]
     assert bottle["I-AUROC"] >= 0.98 and bottle["P-AUROC"] >= 0.95, results["per_class"]
     assert cookie["I-AUROC"] >= 0.96 and cookie["P-AUROC"] >= 0.95, results["per_class"]
+
+
+def test_level_by_level_schedules_refuse_ddp_without_unused_parameters(make_config):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    cfg = make_config(["method=rlr", "backbone=tf_efficientnet_lite0", "backbone.pretrained=false",
+                       "backbone.weights_source=null", "data.image_size=128", "decoder.window_sizes=[5,3]",
+                       *SMALL_DECODER, "method.optimization=shared_adam_legacy"])  # fmt: skip
+    method, _ = build_components(cfg)
+    method._trainer = SimpleNamespace(strategy=DDPStrategy())
+    with pytest.raises(RuntimeError, match="ddp_find_unused_parameters_true"):
+        method.on_fit_start()
+    method._trainer = SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=True))
+    method.on_fit_start()  # allowed: DDP tolerates the idle level

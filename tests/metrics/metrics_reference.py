@@ -1,7 +1,7 @@
 """Independent, deliberately plain reference implementations for the metric tests and the benchmark.
 
 Nothing here imports mcad. AUROC/AP/F1max come from sklearn; AUPRO is written straight from the
-definition in /work/shared/specs/metrics.md: regions from scipy.ndimage.label (8-connected, per 2-D map),
+definition in docs/evaluation.md: regions from scipy.ndimage.label (8-connected, per 2-D map),
 one descending sort of all pixels, cumulative sums with weights 1/(R*A_r) (region pixels) and 1/N
 (normal pixels), one curve point per distinct score, trapezoid up to the FPR limit with linear
 interpolation at the limit.

@@ -24,6 +24,9 @@ from mcad.utils.seeded import seeded_images, seeded_init_
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures" / "parity"
+# The fixture tests build a WRN50-2 model, run one training step and a checkpoint import: about 20 s of CPU
+# per fixture on two cores (30-40 s wall on a loaded machine).
+slow = pytest.mark.slow
 TOL = 1e-5  # float32 forward outputs, losses and maps
 
 
@@ -127,6 +130,7 @@ def rebuilt(request: pytest.FixtureRequest) -> dict[str, Any]:
     return out
 
 
+@slow
 def test_global_term_is_the_official_one(rebuilt: dict[str, Any]) -> None:
     expected = rebuilt["fx"]["global_cl"]
     assert rebuilt["global_cl"] == expected, (
@@ -135,6 +139,7 @@ def test_global_term_is_the_official_one(rebuilt: dict[str, Any]) -> None:
     )
 
 
+@slow
 def test_parameter_counts(rebuilt: dict[str, Any]) -> None:
     for key, official in rebuilt["fx"]["params"].items():
         assert rebuilt["params"][key] == official, (
@@ -142,12 +147,14 @@ def test_parameter_counts(rebuilt: dict[str, Any]) -> None:
         )
 
 
+@slow
 def test_anomaly_map_and_scores(rebuilt: dict[str, Any]) -> None:
     check_maps(
         f"{rebuilt['label']}: anomaly map at evaluation size", rebuilt["maps"], rebuilt["scores"], rebuilt["fx"]["map"]
     )
 
 
+@slow
 @pytest.mark.parametrize("term", ["cos", "dense", "global", "total"])
 def test_training_losses(rebuilt: dict[str, Any], term: str) -> None:
     close(
@@ -155,6 +162,7 @@ def test_training_losses(rebuilt: dict[str, Any], term: str) -> None:
     )
 
 
+@slow
 def test_gradient_norm(rebuilt: dict[str, Any]) -> None:
     official = rebuilt["fx"]["grad_norm"]
     close(
@@ -162,6 +170,7 @@ def test_gradient_norm(rebuilt: dict[str, Any]) -> None:
     )
 
 
+@slow
 def test_official_checkpoint_import(rebuilt: dict[str, Any]) -> None:
     check_maps(
         f"{rebuilt['label']}: AD-LGC checkpoint imported with convert_official_checkpoint",

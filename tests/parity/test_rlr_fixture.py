@@ -35,7 +35,7 @@ FIXTURE = REPO / "tests" / "fixtures" / "parity" / "rlr.json"
 TOL = 1e-5  # float32 forward outputs, losses and maps
 LABEL = "RLR (hlr7999/RLR@06e597b)"
 # One EfficientNet-B6 + 21.5 M-parameter decoder build, two evaluations of 4 images at 256 px and two training
-# steps: about 50 s of CPU time (25-50 s on the 2-core CI machine).
+# steps: 50-90 s of CPU time (measured on a busy 2-core machine), shared by the tests marked slow.
 SLOW = pytest.mark.slow
 
 

@@ -13,26 +13,19 @@ import lightning as L
 import numpy as np
 from PIL import Image
 
+from helpers import TINY as SHARED_TINY
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-# A tiny synthetic run: 2 classes x 12 training images at 64 px, 7 test images per class. RD on the offline
-# Lite0 backbone, deterministic algorithms, no FLOP counting.
+# The shared tiny run with a few more images (12 train, 3 + 4 test per class), deterministic algorithms and
+# a log line every step.
 TINY = [
-    "experiment=quickstart",
-    "data.image_size=64",
-    "data.batch_size=8",
-    "data.eval_batch_size=16",
-    "data.num_workers=0",
-    "data.classes=[stripes,disk]",
+    *SHARED_TINY,
     "data.options.num_train=12",
     "data.options.num_test_good=3",
     "data.options.num_test_defect=4",
-    "data.options.image_size=64",
-    "trainer.enable_progress_bar=false",
     "trainer.deterministic=true",
     "trainer.log_every_n_steps=1",
-    "count_flops=false",
-    "print_table=false",
 ]
 
 RESULT_FILES = ("results.json", "metrics.csv", "metrics.md")

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from workflow_helpers import TINY, compose_train
+from workflow_helpers import TINY, compose_config
 
 from mcad.train import train
 
@@ -15,5 +15,5 @@ from mcad.train import train
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[Path, dict[str, Any]]:
     """One tiny trained RD run shared by the eval / predict / export tests: ``(run dir, results)``."""
     run = tmp_path_factory.mktemp("tiny-rd") / "run"
-    results = train(compose_train(["method=rd", *TINY], run, cache_dir))
+    results = train(compose_config(["method=rd", *TINY], run, cache_dir))
     return run, results

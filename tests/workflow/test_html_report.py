@@ -376,13 +376,14 @@ def test_page_renders_tables_curves_and_overlays_in_chromium(sweep, tmp_path):
 
 # ----------------------------------------------------------------------------------------- a real run
 def test_real_tiny_run_records_curves_and_gets_its_page(tmp_path, cache_dir):
-    from workflow_helpers import TINY, compose_train
+    from workflow_helpers import TINY, compose_config
 
     from mcad.train import train
 
     run = tmp_path / "run"
-    recorder = ["+callbacks.curves._target_=mcad.logging.curves.CurveRecorder", f"+callbacks.curves.output_dir={run}"]
-    results = train(compose_train(["method=rd", *TINY, "visualize=true", *recorder], run, cache_dir))
+    # the default callbacks record the curves and train writes the page (curves.json, report.html)
+    results = train(compose_config(["method=rd", *TINY, "visualize=true"], run, cache_dir))
+    assert (run / "report.html").is_file()
     record = read_curves(run)
     assert list(record["classes"]) == ["stripes", "disk"] and record["pixel_stride"] == 4
     for cls, curves in record["classes"].items():

@@ -6,7 +6,7 @@ import json
 
 import cv2
 import pytest
-from workflow_helpers import TINY, compose_train, read_offline_run
+from workflow_helpers import TINY, compose_config, read_offline_run
 
 from mcad.train import train
 
@@ -17,7 +17,7 @@ def test_wandb_offline_run_and_png_overlays(tmp_path, cache_dir, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     run = tmp_path / "run"
     results = train(
-        compose_train(
+        compose_config(
             ["method=rd", *TINY, "logger=wandb", "visualize=true", "trainer.log_every_n_steps=1"], run, cache_dir
         )
     )

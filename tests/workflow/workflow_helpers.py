@@ -10,37 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
 
-from mcad.config import config_dir
+from helpers import REPO_ROOT as REPO
+from helpers import TINY, compose_config, compose_entry
 
-REPO = Path(__file__).resolve().parents[2]
-
-# The smallest runs that still exercise everything: 2 classes x (8 train, 2 + 2 test) images at 64 px,
-# a randomly initialised Lite0 (no weights needed), one epoch, evaluation at 64 px.
-TINY = [
-    "data=synthetic",
-    "data.image_size=64",
-    "data.batch_size=8",
-    "data.eval_batch_size=16",
-    "data.num_workers=0",
-    "data.classes=[stripes,disk]",
-    "data.options.num_train=8",
-    "data.options.num_test_good=2",
-    "data.options.num_test_defect=2",
-    "data.options.image_size=64",
-    "protocol.eval_size=64",
-    "backbone=tf_efficientnet_lite0",
-    "backbone.pretrained=false",
-    "backbone.weights_source=null",
-    "trainer.max_epochs=1",
-    "trainer.enable_progress_bar=false",
-    "print_table=false",
-    "count_flops=false",
-]
+__all__ = ["REPO", "TINY", "compose_config", "compose_entry", "read_offline_run", "run_cli"]
 
 
 def run_cli(monkeypatch: Any, argv: list[str]) -> None:
@@ -52,28 +27,6 @@ def run_cli(monkeypatch: Any, argv: list[str]) -> None:
     GlobalHydra.instance().clear()
     monkeypatch.setattr(sys, "argv", ["train.py", *argv])
     mcad.train.main()
-
-
-def compose_entry(config_name: str, overrides: list[str], output_dir: Path | None = None) -> DictConfig:
-    """Composes an entry point's config as its command line would, with Hydra's context set."""
-    GlobalHydra.instance().clear()
-    extra = [f"hydra.run.dir={output_dir}"] if output_dir is not None else []
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=[*overrides, *extra], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg.hydra
-    return cfg
-
-
-def compose_train(overrides: list[str], output_dir: Path, cache: Path) -> DictConfig:
-    """``train.yaml`` with paths in tmp folders (as the root conftest's ``make_config``)."""
-    cfg = compose_entry("train", overrides, output_dir)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(REPO)
-        cfg.paths.output_dir = str(output_dir)
-        cfg.paths.cache_dir = str(cache)
-    return cfg
 
 
 # ------------------------------------------------------------------------------------------ W&B offline

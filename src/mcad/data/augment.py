@@ -1,4 +1,4 @@
-"""Second-view augmentation for CCL's contrastive losses (spec §3.3).
+"""Second-view augmentation for CCL's contrastive losses.
 
 Official recipe (LGC-AD/AD-LGC ``configs/rd/rd_mvtec.py`` ``data.aug_transforms``, torchvision on PIL):
 RandomResizedCrop(256, scale 0.8–1.0) → RandomHorizontalFlip 0.5 → RandomVerticalFlip 0.5 →

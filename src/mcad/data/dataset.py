@@ -194,10 +194,10 @@ class AnomalyDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         """One sample; ``key`` is its index, or ``(index, sample_seed)`` from the training sampler.
 
-        With a ``sample_seed`` (:class:`~mcad.data.datamodule.EpochSeededSampler`), the synthetic anomaly
-        and the augmented view are drawn from it, so they do not depend on the loader worker or on how
-        many samples that worker produced before (exact resume, any ``num_workers``). A plain index falls
-        back to the worker's torch RNG.
+        With a ``sample_seed`` (:class:`~mcad.data.datamodule.EpochSeededSampler`), the synthetic anomaly,
+        the augmented view and the training tile (``data.geometry=tile``) are drawn from it, so they do not
+        depend on the loader worker or on how many samples that worker produced before (exact resume, any
+        ``num_workers``). A plain index falls back to the worker's torch RNG.
         """
         index, sample_seed = key if isinstance(key, tuple) else (key, None)
         rec = self.records[index]
@@ -281,12 +281,14 @@ class AnomalyDataset(Dataset):
             DataError: Naming the first offending file.
         """
 
-        def check(rec: SampleRecord) -> None:
+        def check(index: int) -> None:
+            rec = self.records[index]
             if decode:
                 load_image(rec.image_path)
                 if rec.mask_path is not None:
                     load_mask(rec.mask_path)
             size = image_size(rec.image_path)
+            self._native[index] = (size[1], size[0])  # every item's placement needs it: read once here
             if rec.mask_path is not None:
                 mask_size = image_size(rec.mask_path)
                 if mask_size != size:
@@ -296,7 +298,7 @@ class AnomalyDataset(Dataset):
                     )
 
         with ThreadPoolExecutor(num_threads) as pool:
-            list(pool.map(check, self.records))
+            list(pool.map(check, range(len(self.records))))
 
     def prefill_cache(self, num_threads: int = 4) -> None:
         """Decodes every sample once (in threads; OpenCV and PIL release the GIL) into the cache.

@@ -38,7 +38,7 @@ class AnomalyMaps:
 
 @dataclass
 class EvalProtocol:
-    """Post-processing and scoring rules (defaults: the shared protocol of ``specs/metrics.md``).
+    """Post-processing and scoring rules (defaults: the shared protocol, docs/evaluation.md).
 
     Attributes:
         name: Name recorded in results (``mcad``, ``dinomaly``, ``rlr`` ...).

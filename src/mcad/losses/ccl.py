@@ -219,9 +219,7 @@ def dense_class_contrastive_loss(
     tc, ta, pc, pa = (_as_list(x) for x in (teacher_clean, teacher_aug, proj_clean, proj_aug))
     _check_levels(tc, ta, pc, pa)
     labels = _labels_1d(class_labels)
-    losses = [
-        _dense_level_loss(t, t_k, p, p_k, labels, tau, chunk_size) for t, t_k, p, p_k in zip(tc, ta, pc, pa)
-    ]
+    losses = [_dense_level_loss(t, t_k, p, p_k, labels, tau, chunk_size) for t, t_k, p, p_k in zip(tc, ta, pc, pa)]
     return torch.stack(losses).mean()
 
 

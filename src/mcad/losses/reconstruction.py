@@ -1,6 +1,6 @@
 """Feature-reconstruction losses and anomaly scores.
 
-RLR (``trainer.py::train`` / ``test_separate``; ``specs/methods.md`` §4.4-4.5) trains each level with
+RLR (``trainer.py::train`` / ``test_separate``; docs/methods.md) trains each level with
 ``MSE(x_hat, x) + mean_tokens(1 - cos_C(x_hat, x))`` and scores each token with
 ``mean_C((x - x_hat)^2) + 1 - cos_C(x, x_hat)``: the same two terms, once averaged over everything and
 once kept per token.

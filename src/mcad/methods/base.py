@@ -123,23 +123,27 @@ class AnomalyModule(L.LightningModule):
             self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=True, prog_bar=name == "loss",
                      batch_size=batch_size)  # fmt: skip
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
-        """Computes, checks and logs the losses; returns the total (``None`` skips the batch).
+    def compute_losses(self, batch: Batch) -> dict[str, Tensor]:
+        """All losses of a training batch with the total under ``loss``, the plug-in's terms included.
 
-        With a loss plug-in, the method's one-pass hook gives its own losses and the plug-in's features.
+        Without a plug-in this is the method's ``training_losses``; with one, the method's one-pass hook gives
+        its own losses and the plug-in's features, and the plug-in's terms are added to the total.
         """
         if self.loss_plugin is None:
-            losses = self.training_losses(batch)
-        else:
-            assert isinstance(self, ContrastiveMethod)
-            if "image_aug" not in batch:
-                raise RuntimeError(
-                    "The loss plug-in needs the augmented view batch['image_aug']: build the data module with the "
-                    "run's data request (mcad.build.build_components does)."
-                )
-            losses, features = self.contrastive_forward(batch)
-            extra = self.loss_plugin(features, batch)
-            losses = {**losses, **extra, "loss": losses["loss"] + sum(extra.values())}
+            return self.training_losses(batch)
+        assert isinstance(self, ContrastiveMethod)
+        if "image_aug" not in batch:
+            raise RuntimeError(
+                "The loss plug-in needs the augmented view batch['image_aug']: build the data module with the "
+                "run's data request (mcad.build.build_components does)."
+            )
+        losses, features = self.contrastive_forward(batch)
+        extra = self.loss_plugin(features, batch)
+        return {**losses, **extra, "loss": losses["loss"] + sum(extra.values())}
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
+        """Computes, checks and logs the losses; returns the total (``None`` skips the batch)."""
+        losses = self.compute_losses(batch)
         if not self.check_losses(losses, batch):
             return None
         self.log_losses(losses, batch_size=len(batch["image"]))

@@ -478,4 +478,3 @@ def report_of_runs(runs: Sequence[Run], rows: Sequence[str] | None = None,
     keys = list(rows) if rows else row_keys(runs)
     table, datasets = aggregate(runs, keys)
     return Report(runs, keys, table, datasets, list(metrics or METRIC_COLUMNS))
-

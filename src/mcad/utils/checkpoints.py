@@ -22,8 +22,25 @@ class CheckpointError(RuntimeError):
     """A checkpoint or weights file that is missing, refused (not plain data) or unreadable."""
 
 
+def _numpy_scalar_globals() -> list[Any]:
+    """NumPy scalars and dtypes, which official trainers save as metrics (e.g. RLR's best AUROC values).
+
+    They rebuild a number from its bytes and run no code; allowed under both module names NumPy 1 and 2 use.
+    """
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    allowed: list[Any] = [scalar, np.dtype, (scalar, "numpy.core.multiarray.scalar")]
+    allowed.append((scalar, "numpy._core.multiarray.scalar"))
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed += [getattr(dtypes, n) for n in ("Float64DType", "Float32DType", "Int64DType", "BoolDType")]
+    return allowed
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Loads a torch checkpoint as plain data (tensors, containers, numbers, strings).
+    """Loads a torch checkpoint as plain data (tensors, containers, numbers, strings, NumPy scalars).
 
     Args:
         path: A file written by ``torch.save`` (Lightning checkpoints, ``.pth`` / ``.pt`` / ``.bin``).
@@ -38,12 +55,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"Checkpoint not found: {path}")
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # a file without the zip layout
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)  # a file without the zip layout
     except Exception as err:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError ...
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise CheckpointError(

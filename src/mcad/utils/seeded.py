@@ -17,7 +17,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor, nn
 
-__all__ = ["seeded_images", "seeded_init_", "seeded_tensor"]
+__all__ = ["seeded_fill", "seeded_images", "seeded_init_", "seeded_tensor"]
 
 
 def seeded_tensor(shape: tuple[int, ...], seed: int, key: int = 0) -> Tensor:
@@ -26,7 +26,11 @@ def seeded_tensor(shape: tuple[int, ...], seed: int, key: int = 0) -> Tensor:
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
-def _fill(name: str, tensor: Tensor, seed: int, key: int) -> Tensor:
+def seeded_fill(name: str, tensor: Tensor, seed: int, key: int) -> Tensor:
+    """Seeded values for one tensor, scaled by its kind (the leaf of ``name``: weight, bias, running stats).
+
+    Part of the fixture format: changing it invalidates ``tests/fixtures/parity``.
+    """
     leaf = name.rsplit(".", 1)[-1]
     noise = seeded_tensor(tuple(tensor.shape), seed, key)
     if leaf == "num_batches_tracked" or not tensor.is_floating_point():
@@ -64,7 +68,7 @@ def seeded_init_(module: nn.Module, seed: int) -> nn.Module:
         rank = rank_of_shape[shape]
         rank_of_shape[shape] += 1
         key = _shape_key(shape, rank)
-        tensor.data.copy_(_fill(name, tensor.data, seed, key).to(tensor.dtype))
+        tensor.data.copy_(seeded_fill(name, tensor.data, seed, key).to(tensor.dtype))
     return module
 
 

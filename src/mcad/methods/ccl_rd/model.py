@@ -1,4 +1,4 @@
-"""Reverse Distillation with CCL's projection layers (spec §3.1-3.2) as a pure ``nn.Module``.
+"""Reverse Distillation with CCL's projection layers as a pure ``nn.Module``.
 
 teacher (frozen) -> [T1, T2, T3] -> projection (RD++ ``ProjLayer`` per level) -> [P1, P2, P3]
 -> OCBE -> embedding -> student decoder -> [S1, S2, S3]; the anomaly map compares the RAW teacher

@@ -18,7 +18,7 @@ __all__ = ["CCLRDModule"]
 
 
 class CCLRDModule(AnomalyModule):
-    """Multi-class RD with class-aware contrastive learning (CCL, spec §3; official LGC-AD/AD-LGC).
+    """Multi-class RD with class-aware contrastive learning (CCL; official LGC-AD/AD-LGC).
 
     Per training step: teacher maps of the clean and augmented views, projection of both, feature noise on
     the clean projection, OCBE of both (E-CCL1), student of the clean view; loss = global-cosine

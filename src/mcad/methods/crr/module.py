@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mcad.data.requests import DataRequest
 from mcad.losses.focal import focal_loss
 from mcad.losses.hard_mining import global_cosine_hard_mining, hard_mining_p
 from mcad.methods.base import AnomalyMaps, AnomalyModule
@@ -74,9 +75,9 @@ class CRRModule(AnomalyModule):
             needs no synthetic images.
         loss: Stage-I loss ``loss(enc_groups, dec_groups, p=...)`` (``loss=hard_mining``), or a loss
             plug-in (``loss=ccl``) whose terms are added in stage I to the default hard-mined loss.
-        synthesizer: Unused here: ``mcad.train`` hands the image-level synthesizer to the data layer, which
-            adds ``synthetic_image`` / ``synthetic_mask`` to the batches (accepted so that every method
-            shares one constructor shape).
+        synthesizer: The image-level synthesizer (``synthesizer=perlin``). The method asks the data layer for
+            it (:meth:`data_request`), which then adds ``synthetic_image`` / ``synthetic_mask`` to every
+            training batch; needed by the repair term and stage II, not requested without them (Dinomaly).
         protocol: Evaluation protocol (``protocol=dinomaly``).
         on_nonfinite: ``raise`` or ``skip`` batches with a NaN/Inf loss.
     """
@@ -108,7 +109,6 @@ class CRRModule(AnomalyModule):
             raise ValueError(f"stage1_steps and stage2_steps must be >= 0, got {stage1_steps}, {stage2_steps}.")
         if seg_head is None and stage2_steps > 0:
             raise ValueError("method.seg_head=null (reconstruction only) needs method.stage2_steps=0.")
-        del synthesizer  # applied by the data layer (see the docstring)
         self.model: CRRModel = (decoder or CRRModel)(backbone)
         in_channels = len(self.model.groups) * self.model.embed_dim
         self.seg_head: nn.Module | None = seg_head(in_channels=in_channels) if seg_head is not None else None
@@ -120,6 +120,7 @@ class CRRModule(AnomalyModule):
         self.hard_mining_final, self.hard_mining_ramp = hard_mining_final, hard_mining_ramp
         self.seg_threshold = seg_threshold
         self.repair = bool(repair)
+        self.synthesizer = synthesizer
         # Saved with the weights: whether stage II has started, i.e. whether the segmentation head is
         # part of the inference path (a stage-I checkpoint evaluates as reconstruction only).
         self.register_buffer("seg_head_active", torch.tensor(False))
@@ -157,6 +158,13 @@ class CRRModule(AnomalyModule):
         if self.phase == STAGE2:
             self.model.eval()
         return self
+
+    def data_request(self) -> DataRequest:
+        """The synthesizer when training uses synthetic images (repair term or stage II), merged with the plug-in's."""
+        request = super().data_request()
+        if self.synthesizer is not None and (self.repair or self.stage2_steps > 0):
+            request = request.merge(DataRequest(synthesizer=self.synthesizer))
+        return request
 
     # ---------------------------------------------------------------------------- training
     def _synthetic(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:

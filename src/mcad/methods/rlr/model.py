@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mcad.losses.reconstruction import mse_cosine_loss, mse_cosine_score
-from mcad.models.blocks.rlr import RLRDecoder
+from mcad.methods.rlr.components.decoder import RLRDecoder
 from mcad.synthesis.feature_jitter import FeatureJitter
 
 FeatureTransform = Callable[[list[Tensor]], list[Tensor]]
@@ -46,7 +46,7 @@ class MSECosineLoss(nn.Module):
 
 
 class RLRModel(nn.Module):
-    """Frozen backbone, optional feature jitter and an :class:`~mcad.models.blocks.rlr.RLRDecoder`.
+    """Frozen backbone, optional feature jitter and an :class:`~mcad.methods.rlr.components.decoder.RLRDecoder`.
 
     Args:
         backbone: Module with ``forward(images) -> list[Tensor]`` of ``(B, C_i, h_i, w_i)`` maps; it is

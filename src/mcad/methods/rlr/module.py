@@ -11,13 +11,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
 from mcad.evaluation.protocol import AnomalyMaps
 from mcad.methods.base import AnomalyModule
 from mcad.methods.plugins.base import Batch, ContrastiveFeatures
+from mcad.methods.rlr.components.decoder import RLRDecoder, out_index_from_stride
 from mcad.methods.rlr.model import SCHEDULES, MSECosineLoss, RLRModel, rlr_optimization_step
-from mcad.models.blocks.rlr import RLRDecoder, out_index_from_stride
 
 
 def build_decoder(
@@ -53,7 +54,7 @@ class RLRModule(AnomalyModule):
         backbone: Frozen feature extractor (``backbone`` group) with ``channels`` and ``strides``. The
             3x3 average pooling of RLR is its ``feature_pool=3`` (set by ``method=rlr``; ``null`` is
             the official ``--no_avg``): this module never pools again.
-        decoder: Partial of :class:`~mcad.models.blocks.rlr.RLRDecoder` (``decoder`` group), completed
+        decoder: Partial of :class:`~mcad.methods.rlr.components.decoder.RLRDecoder` (``decoder`` group), completed
             here with the backbone's channels and the grids at the input size.
         optimizer: Partial optimiser (Adam lr 1e-4, default betas, no weight decay).
         loss: Per-level criterion ``loss(pred, target)`` (``loss=mse_cosine``), or a loss plug-in
@@ -161,6 +162,21 @@ class RLRModule(AnomalyModule):
             scheduler.step()
         self.log_losses({"loss": sum(losses[1:], losses[0]), **self._named(losses)}, batch_size=len(batch["image"]))
         return None
+
+    def on_fit_start(self) -> None:
+        """Refuses a manual level-by-level schedule under DDP that cannot see the idle level's parameters.
+
+        ``per_level`` and ``shared_adam_legacy`` back-propagate one level at a time, so every backward pass
+        leaves the other level's parameters unused, which DDP's default reducer treats as an error.
+        """
+        strategy = self.trainer.strategy
+        unused_ok = bool(getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False))
+        if not self.automatic_optimization and isinstance(strategy, DDPStrategy) and not unused_ok:
+            raise RuntimeError(
+                f"method.optimization={self.optimization} steps one level at a time, which DDP only allows with "
+                "trainer.strategy=ddp_find_unused_parameters_true; or use method.optimization=summed (the same "
+                "update as the official loop under torch >= 2)."
+            )
 
     def configure_optimizers(self) -> Any:
         """One optimiser over all levels, or one per level for ``optimization=per_level``."""

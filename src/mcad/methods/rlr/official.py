@@ -13,25 +13,19 @@ improved; the file ``--mode test`` loads, ``trainer.py::test`` lines 234-238) an
 AUROC improved). On a real run the AUROC entries are numpy floats.
 
 One level's state dict (README command: ``--blocks mca nsa --blocks_gate none --layers 4``) holds 73
-tensors, which map one to one onto :class:`~mcad.models.blocks.rlr.RLRLevelModel`:
+tensors, which map one to one onto :class:`~mcad.methods.rlr.components.decoder.RLRLevelModel` (official -> ours):
 
-============================================================  =============================================
-official (``models/model.py::RLR``)                           ours (``RLRLevelModel``)
-============================================================  =============================================
-``ref_mca`` ``(1, L, C)``                                     ``reference``
-``embedding.project_embedding.project.weight`` ``(d, C, 1)``  ``embedding.proj.weight`` ``(d, C)`` (a
-                                                              kernel-1 ``Conv1d`` is a ``Linear``: squeezed)
-``embedding.project_embedding.project.bias``                  ``embedding.proj.bias``
-``ref_mca_embedding.project_embedding.project.*``             ``reference_embedding.proj.*`` (same)
-``encoder.encode_layers.<j>.mca.*``                           ``layers.<j>.lca.attn.*`` (LCA)
-``encoder.encode_layers.<j>.nsa.*``                           ``layers.<j>.mlka.attn.*`` (MLKA)
-``encoder.encode_layers.<j>.{norm1,ffn.fc1,ffn.fc2,norm2}.*``  ``layers.<j>.{norm1,ffn.fc1,ffn.fc2,norm2}.*``
-``encoder.norm.*``                                            ``norm.*``
-``projection.*``                                              ``projection.*``
-============================================================  =============================================
+* ``ref_mca`` ``(1, L, C)`` -> ``reference``;
+* ``embedding.project_embedding.project.weight`` ``(d, C, 1)`` -> ``embedding.proj.weight`` ``(d, C)`` (a
+  kernel-1 ``Conv1d`` is a ``Linear``: the last axis is squeezed), ``.bias`` -> ``embedding.proj.bias``;
+* ``ref_mca_embedding.project_embedding.project.*`` -> ``reference_embedding.proj.*`` (the same);
+* ``encoder.encode_layers.<j>.mca.*`` -> ``layers.<j>.lca.attn.*`` (LCA) and ``.nsa.*`` ->
+  ``layers.<j>.mlka.attn.*`` (MLKA);
+* ``encoder.encode_layers.<j>.{norm1, ffn.fc1, ffn.fc2, norm2}.*`` -> ``layers.<j>.{...}.*``;
+* ``encoder.norm.*`` -> ``norm.*``; ``projection.*`` -> ``projection.*``.
 
 The attention tensors (``in_proj_weight``, ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias``)
-keep their names: :class:`~mcad.models.blocks.attention.MultiHeadAttention` lays its parameters out
+keep their names: :class:`~mcad.methods.rlr.components.attention.MultiHeadAttention` lays its parameters out
 like ``nn.MultiheadAttention``. Not in the file, so not converted: the frozen backbone (the official code
 loads timm's ImageNet weights, ``trainer.py::build_model``; ours comes from the ``backbone`` config), the
 sinusoidal position tables (a plain attribute there, a non-persistent buffer here) and the window masks
@@ -46,8 +40,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
+
+from mcad.utils.checkpoints import load_checkpoint
 
 __all__ = [
     "DECODER_PREFIX",
@@ -176,7 +171,7 @@ def convert_official_checkpoint(
             when given, the converted decoder keys must be exactly the target's keys under ``prefix``,
             with the same shapes.
         prefix: Prefix of the decoder in the target (``model.decoder.`` for ``RLRModule``; ``""`` for a
-            bare :class:`~mcad.models.blocks.rlr.RLRDecoder`).
+            bare :class:`~mcad.methods.rlr.components.decoder.RLRDecoder`).
 
     Returns:
         ``{prefix + "levels.<i>." + key: tensor}`` for every level. Backbone keys are absent (the official
@@ -224,8 +219,8 @@ def convert_official_checkpoint(
 def read_official_checkpoint(path: str | Path) -> dict[str, Any]:
     """Loads an official RLR file on the CPU without executing pickled code.
 
-    The file holds tensors, an int and (after a real run) numpy floats; those numpy types are allowed
-    explicitly, under both their numpy 1 and numpy 2 module names, so ``weights_only`` loading works.
+    The file holds tensors, an int and (after a real run) numpy floats, which the project's one checkpoint
+    loader (:func:`mcad.utils.checkpoints.load_checkpoint`) accepts as plain data.
 
     Args:
         path: ``latest.pth``, ``best-img.pth`` or ``best-pix.pth``.
@@ -233,17 +228,7 @@ def read_official_checkpoint(path: str | Path) -> dict[str, Any]:
     Returns:
         The saved dict.
     """
-    import numpy as np
-
-    core = getattr(np, "_core", None) or np.core
-    scalar = core.multiarray.scalar
-    allowed: list[Any] = [scalar, np.dtype, (scalar, "numpy.core.multiarray.scalar")]
-    allowed += [(scalar, "numpy._core.multiarray.scalar")]
-    dtypes = getattr(np, "dtypes", None)
-    if dtypes is not None:
-        allowed += [getattr(dtypes, name) for name in ("Float64DType", "Float32DType", "Int64DType", "BoolDType")]
-    with torch.serialization.safe_globals(allowed):
-        return torch.load(Path(path), map_location="cpu", weights_only=True)
+    return load_checkpoint(path)
 
 
 def load_official_checkpoint(method: nn.Module, official: Any, prefix: str = DECODER_PREFIX) -> list[str]:

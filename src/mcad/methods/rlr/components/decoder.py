@@ -21,15 +21,16 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
+from timm.layers import Mlp
 from torch import Tensor, nn
 
-from mcad.models.blocks.attention import (
+from mcad.methods.rlr.components.attention import (
     LocalCrossAttention,
     MaskedLearnableKeyAttention,
     complement_window_mask,
     local_window_mask,
 )
-from mcad.models.blocks.positional import PositionalEncoding2D
+from mcad.methods.rlr.components.positional import PositionalEncoding2D
 
 #: Window side of LCA/MLKA per square grid side, as hard-coded in RLR ``models/model.py``.
 DEFAULT_WINDOW_SIZES: dict[int, int] = {16: 5, 32: 7, 64: 11}
@@ -118,21 +119,6 @@ class TokenEmbedding(nn.Module):
         return self.dropout(self.pos(self.proj(tokens)))
 
 
-class FeedForward(nn.Module):
-    """``Linear(d, h) - GELU - Linear(h, d)`` with dropout at the end (RLR ``models/model.py::Mlp``)."""
-
-    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Applies the MLP token-wise."""
-        return self.drop(self.fc2(self.act(self.fc1(x))))
-
-
 class RLRLayer(nn.Module):
     """One RLR encoder layer in the official "parallel" mode.
 
@@ -174,7 +160,8 @@ class RLRLayer(nn.Module):
         self.attention_residual = attention_residual
         self.dropout = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(dim)
-        self.ffn = FeedForward(dim, int(round(ffn_ratio * dim)), dropout)
+        # RLR models/model.py::Mlp: Linear - GELU - Linear - Dropout (no dropout between the linears).
+        self.ffn = Mlp(dim, int(round(ffn_ratio * dim)), act_layer=nn.GELU, drop=(0.0, dropout))
         self.norm2 = nn.LayerNorm(dim)
 
     def forward(

@@ -1,0 +1,1 @@
+"""Blocks only RLR uses: the per-level learnable-reference decoder, its attention and positions."""
