@@ -238,6 +238,13 @@ def test_converter_names_and_errors():
         convert_official_checkpoint({**encoder, "decoder.0.norm1.weight": torch.ones(8)}, img_size=28, num_blocks=1)
     with pytest.raises(OfficialCheckpointError, match="Unexpected"):
         convert_official_checkpoint({**encoder, "extra.weight": torch.ones(8)}, img_size=28, num_blocks=1)
-    out = convert_official_checkpoint({k[8:]: v for k, v in encoder.items()}, img_size=28, num_blocks=1)
+    bare = {k[8:]: v for k, v in encoder.items()}  # a dinov2_*_pretrain.pth-style encoder file
+    out = convert_official_checkpoint(bare, img_size=28, num_blocks=1)
     assert out["model.backbone.model.model.pos_embed"].shape == (1, 4, 8)  # 3x3 -> 2x2, DINOv2 rule
     assert math.isclose(float(out["model.backbone.model.model.blocks.0.norm1.weight"].sum()), 8.0)
+    # with our state dict as reference: a bare encoder is not asked for decoder keys, a wrong shape is named
+    reference = {**{k: v.clone() for k, v in out.items()}, "model.decoder.0.norm1.weight": torch.ones(8)}
+    assert set(convert_official_checkpoint(bare, reference=reference)) == set(out)
+    reference["model.backbone.model.model.reg_token"] = torch.zeros(1, 2, 8)
+    with pytest.raises(OfficialCheckpointError, match="shape mismatch.*reg_token"):
+        convert_official_checkpoint(bare, reference=reference)

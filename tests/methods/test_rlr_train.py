@@ -67,8 +67,8 @@ def test_backbone_pools_once_and_decoder_follows_the_input_size(make_config):
          "data.image_size=128", "decoder.window_sizes=[5,3]", *SMALL_DECODER]
     )  # fmt: skip
     method, _ = build_components(cfg)
-    assert isinstance(method.model.pool, torch.nn.Identity)  # the backbone's feature_pool=3 smooths
-    assert isinstance(method.model.backbone.pool, torch.nn.AvgPool2d)
+    assert isinstance(method.model.backbone.pool, torch.nn.AvgPool2d)  # RLR's 3x3 pooling: the backbone's only
+    assert not hasattr(method.model, "pool")
     assert [lvl.grid_size for lvl in method.model.decoder.levels] == [(16, 16), (8, 8)]
     assert [lvl.num_tokens for lvl in method.model.decoder.levels] == [256, 64]
     assert method.model.decoder.hidden_dims == [32, 64]  # the width rule from the strides, base 16

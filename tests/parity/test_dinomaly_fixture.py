@@ -27,8 +27,6 @@ REPO = Path(__file__).resolve().parents[2]
 FIXTURE = REPO / "tests" / "fixtures" / "parity" / "dinomaly.json"
 GRAD_NORM_RTOL = 1e-5
 
-pytestmark = pytest.mark.slow  # ViT-B on CPU, three training passes
-
 
 def two_step_eval(dinomaly: Any, method: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Our raw map through the official resize, then our protocol's smoothing and image score."""

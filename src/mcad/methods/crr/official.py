@@ -136,7 +136,8 @@ def convert_official_checkpoint(
             (reconstruction only: ``seg_head_active`` is False, no ``seg_head.*`` keys).
         reference: Our target state dict (``method.state_dict()``). When given, the output is checked against
             it - every key must exist with the same shape - and ``img_size`` / ``num_blocks`` /
-            ``num_levels`` are read from it; keys of ``reference`` the files do not provide are reported.
+            ``num_levels`` are read from it; keys of ``reference`` the files should provide but do not are
+            reported (a bare encoder file provides the backbone keys only: load it with ``strict=False``).
         img_size: Input side our backbone was built for (392 in the recipe): the position table is resized
             to ``img_size // patch_size`` tokens per side with DINOv2's rule. Ignored with ``reference``.
         patch_size: ViT patch size (14).
@@ -199,7 +200,7 @@ def convert_official_checkpoint(
     if rest or seg_model is not None:
         out["seg_head_active"] = torch.tensor(seg_model is not None)
     if reference is not None:
-        _check_against(out, reference, include_backbone=include_backbone, with_seg=seg_model is not None)
+        _check_against(out, reference, include_backbone, with_recon=bool(rest), with_seg=seg_model is not None)
     return out
 
 
@@ -260,7 +261,7 @@ def _shape_from_reference(
 
 
 def _check_against(
-    out: Mapping[str, Tensor], reference: Mapping[str, Tensor], include_backbone: bool, with_seg: bool
+    out: Mapping[str, Tensor], reference: Mapping[str, Tensor], include_backbone: bool, with_recon: bool, with_seg: bool
 ) -> None:
     unknown = [f"{k}{_shape(v)}" for k, v in out.items() if k not in reference]
     wrong = [
@@ -274,7 +275,9 @@ def _check_against(
             return include_backbone
         if key.startswith("seg_head."):
             return with_seg
-        return key.startswith("model.") or key == "seg_head_active"
+        if key == "seg_head_active":
+            return with_recon or with_seg
+        return with_recon and key.startswith("model.")
 
     absent = [k for k in reference if k not in out and expected(k)]
     if unknown or wrong or absent:

@@ -49,15 +49,13 @@ class RLRModel(nn.Module):
     """Frozen backbone, optional feature jitter and an :class:`~mcad.methods.rlr.components.decoder.RLRDecoder`.
 
     Args:
-        backbone: Module with ``forward(images) -> list[Tensor]`` of ``(B, C_i, h_i, w_i)`` maps; it is
-            frozen here (no gradients, always eval mode). If it exposes ``channels`` they must match
-            the decoder's. Do not let it pool as well when ``avg_pool=True`` (e.g. build
-            ``TimmBackbone`` with ``feature_pool=None``), or features get smoothed twice.
+        backbone: A frozen feature extractor (:class:`~mcad.models.backbones.TimmBackbone`, which freezes and
+            keeps itself in eval mode) with ``forward(images) -> list[Tensor]`` of ``(B, C_i, h_i, w_i)``
+            maps. RLR's 3x3 average pooling of the features is the backbone's ``feature_pool=3``. If it
+            exposes ``channels`` they must match the decoder's.
         decoder: The per-level reconstruction network.
         jitter: Feature-level synthesizer applied to the decoder *input* during training only
             (RLR: :class:`~mcad.synthesis.feature_jitter.FeatureJitter` with scale 4); ``None`` = off.
-        avg_pool: Smooth each feature map with ``AvgPool2d(3, stride 1, padding 1)`` (zero padding
-            counted, PyTorch's default) before everything, as RLR does unless ``--no_avg``.
         loss_fn: Per-level criterion ``loss_fn(pred, target) -> scalar``; default RLR's
             :func:`~mcad.losses.reconstruction.mse_cosine_loss`.
 
@@ -68,7 +66,6 @@ class RLRModel(nn.Module):
         backbone: nn.Module,
         decoder: RLRDecoder,
         jitter: FeatureTransform | None = None,
-        avg_pool: bool = True,
         loss_fn: LevelLoss | None = None,
     ) -> None:
         super().__init__()
@@ -76,12 +73,8 @@ class RLRModel(nn.Module):
         if channels is not None and list(channels) != list(decoder.in_channels):
             raise ValueError(f"Backbone channels {list(channels)} != decoder in_channels {decoder.in_channels}.")
         self.backbone = backbone
-        for p in self.backbone.parameters():
-            p.requires_grad_(False)
-        self.backbone.eval()
         self.decoder = decoder
         self.jitter = jitter
-        self.pool = nn.AvgPool2d(3, stride=1, padding=1) if avg_pool else nn.Identity()
         self.loss_fn: LevelLoss = loss_fn if loss_fn is not None else mse_cosine_loss
 
     @classmethod
@@ -91,7 +84,6 @@ class RLRModel(nn.Module):
         image_size: int | tuple[int, int],
         jitter_scale: float = 4.0,
         jitter_prob: float = 1.0,
-        avg_pool: bool = True,
         **decoder_kwargs,
     ) -> RLRModel:
         """Builds the decoder from ``backbone.channels``/``backbone.strides`` (RLR defaults).
@@ -101,7 +93,6 @@ class RLRModel(nn.Module):
             image_size: Input image side or ``(H, W)``.
             jitter_scale: Feature-jitter scale (0 = no jitter).
             jitter_prob: Fraction of jittered tokens.
-            avg_pool: See the class docstring.
             **decoder_kwargs: Passed to :meth:`RLRDecoder.for_backbone`.
 
         Returns:
@@ -110,16 +101,10 @@ class RLRModel(nn.Module):
         """
         decoder = RLRDecoder.for_backbone(backbone.channels, backbone.strides, image_size, **decoder_kwargs)
         jitter = FeatureJitter(jitter_scale, jitter_prob) if jitter_scale > 0 else None
-        return cls(backbone, decoder, jitter=jitter, avg_pool=avg_pool)
-
-    def train(self, mode: bool = True) -> RLRModel:
-        """Sets train/eval mode but keeps the frozen backbone in eval mode (fixed BN statistics)."""
-        super().train(mode)
-        self.backbone.eval()
-        return self
+        return cls(backbone, decoder, jitter=jitter)
 
     def extract_features(self, images: Tensor) -> list[Tensor]:
-        """Frozen (optionally pooled) backbone features, the reconstruction targets.
+        """Frozen backbone features (pooled by the backbone), the reconstruction targets.
 
         Args:
             images: ``(B, 3, H, W)`` normalised images.
@@ -129,7 +114,7 @@ class RLRModel(nn.Module):
 
         """
         with torch.no_grad():
-            return [self.pool(f) for f in self.backbone(images)]
+            return list(self.backbone(images))
 
     def forward_train(self, images: Tensor) -> RLROutput:
         """Training pass: jittered features in, clean features as targets.

@@ -103,7 +103,7 @@ class RLRModule(AnomalyModule):
             raise ValueError(f"A loss plug-in needs method.optimization=summed, not '{optimization}'.")
         self.input_size = int(crop_size or image_size)
         built = build_decoder(decoder, list(backbone.channels), list(backbone.strides), self.input_size)
-        self.model = RLRModel(backbone, built, jitter=synthesizer, avg_pool=False, loss_fn=self.loss_fn)
+        self.model = RLRModel(backbone, built, jitter=synthesizer, loss_fn=self.loss_fn)
         self.optimization = optimization
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
