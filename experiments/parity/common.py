@@ -261,7 +261,7 @@ def evaluate_images(method: Any, images: Tensor) -> tuple[Tensor, Tensor]:
     method.eval()
     with torch.no_grad():
         out = method.anomaly_maps(images)
-        return method.protocol.process(out.anomaly_map, out.segmentation)
+        return method.protocol.process(out.anomaly_map, out.segmentation, tuple(images.shape[-2:]))
 
 
 # ------------------------------------------------------------------------------------------ official code bases

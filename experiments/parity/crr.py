@@ -518,7 +518,7 @@ def option_effects(
     def ours() -> tuple[float, float]:
         maps, _ = our_eval(method, x, seed, mask_at_test=True)
         with torch.no_grad():
-            _, dec = method.model(x)
+            dec = method.model(x).decoder
         return common.max_abs_diff(ref_dec, dec), common.max_abs_diff(ref_maps, maps)
 
     out = {"masks off, faithful defaults": ours()}
@@ -602,7 +602,8 @@ def run(folder: Path, seed: int, size: int, write: bool) -> common.ParityTable:
             en, de, seg_in = official(x)
             model.bottleneck.mask_at_test = True
             torch.manual_seed(seed)
-            enc_g, dec_g = model(x)
+            ours_out = model(x)
+            enc_g, dec_g = ours_out.encoder, ours_out.decoder
         table.add("encoder groups E1, E2", common.max_abs_diff(en, enc_g), TOL)
         table.add("decoder groups D1, D2 (eval, same random masks)", common.max_abs_diff(de, dec_g), TOL,
                   f"|D|max {max(float(d.abs().max()) for d in de):.3f}")  # fmt: skip

@@ -53,7 +53,7 @@ class InferencePath(nn.Module):
         """The outputs named in :meth:`output_names`."""
         out = self.method.anomaly_maps(images)
         if self.postprocess:
-            maps, scores = self.method.protocol.process(out.anomaly_map, out.segmentation)
+            maps, scores = self.method.protocol.process(out.anomaly_map, out.segmentation, tuple(images.shape[-2:]))
             return maps, scores
         levels = out.anomaly_map if isinstance(out.anomaly_map, list) else [out.anomaly_map]
         return (*levels, out.segmentation) if out.segmentation is not None else tuple(levels)

@@ -54,9 +54,7 @@ def _rd(official: Mapping[str, Any], seg: Mapping[str, Any] | None, ref: Mapping
     return convert_official_checkpoint(official, reference=ref)
 
 
-def _ccl_rd(
-    official: Mapping[str, Any], seg: Mapping[str, Any] | None, ref: Mapping[str, Tensor]
-) -> dict[str, Tensor]:
+def _ccl_rd(official: Mapping[str, Any], seg: Mapping[str, Any] | None, ref: Mapping[str, Tensor]) -> dict[str, Tensor]:
     from mcad.methods.ccl_rd.official import convert_official_checkpoint
 
     return convert_official_checkpoint(official, reference=ref)

@@ -70,3 +70,25 @@ def test_invalid_options_fail_loudly():
         EvalProtocol(image_score="mean")
     with pytest.raises(ValueError, match="kernel_size"):
         EvalProtocol(kernel_size=4)
+
+
+def test_dinomaly_evaluation_resizes_via_the_input_size_and_masks_nearest():
+    # Dinomaly's own evaluation (utils.py::evaluation_batch): map to the input size (align_corners) and then
+    # to 256 (align_corners=False); masks nearest to 256, kept where > 0.
+    torch.manual_seed(1)
+    raw = torch.rand(2, 1, 28, 28)
+    proto = EvalProtocol(eval_size=64, smoothing="none", resize_via_input=True)
+    maps, _ = proto.process(raw, input_size=(112, 112))
+    at_input = F.interpolate(raw, size=(112, 112), mode="bilinear", align_corners=True)
+    expected = F.interpolate(at_input, size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(maps, expected, rtol=0, atol=1e-6)
+    direct, _ = EvalProtocol(eval_size=64, smoothing="none").process(raw)
+    assert float((direct - maps).abs().max()) > 1e-4  # the two resizes differ
+    with pytest.raises(ValueError, match="input size"):
+        proto.process(raw)
+    mask = torch.zeros(1, 1, 112, 112)
+    mask[0, 0, 50:53, 50:53] = 0.2  # a faint sliver: bilinear at > 0.5 drops it, nearest at > 0 keeps it
+    nearest = EvalProtocol(eval_size=64, gt_threshold=0.0, mask_resize="nearest").binarize_masks(mask)
+    assert int(nearest.sum()) > 0 and int(EvalProtocol(eval_size=64).binarize_masks(mask).sum()) == 0
+    with pytest.raises(ValueError, match="mask_resize"):
+        EvalProtocol(mask_resize="area")

@@ -13,9 +13,9 @@ from torch import nn
 from mcad.losses.focal import focal_loss
 from mcad.losses.hard_mining import global_cosine, global_cosine_hard_mining, hard_mining_p
 from mcad.methods.crr import CRRModel
-from mcad.models.blocks.bottleneck import NoisyBottleneck
-from mcad.models.blocks.linear_attention import LinearAttention, LinearAttentionBlock
-from mcad.models.blocks.seg_head import SegmentationHead
+from mcad.methods.crr.components.bottleneck import NoisyBottleneck
+from mcad.methods.crr.components.linear_attention import LinearAttention, LinearAttentionBlock
+from mcad.methods.crr.components.seg_head import SegmentationHead
 from mcad.optim import StableAdamW
 
 # Paper-setting sizes (ViT-B/14 reg4, embed 768, 8 decoder blocks; seg head 1536 -> base 192 -> 2 @ 256²).
@@ -177,7 +177,8 @@ def test_crr_model_shapes_vit(prefix):
     model = CRRModel(ViTStandIn(img_size=56, prefix=prefix), dropout=0.2)
     assert model.embed_dim == 384 and model.groups == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert model.decoder_groups == [[0, 1, 2, 3], [4, 5, 6, 7]] and model.decoder[0].attn.num_heads == 6
-    enc, dec = model(torch.randn(2, 3, 56, 56))
+    out = model(torch.randn(2, 3, 56, 56))
+    enc, dec = out.encoder, out.decoder
     assert [tuple(t.shape) for t in enc] == [(2, 384, 4, 4)] * 2
     assert [tuple(t.shape) for t in dec] == [(2, 384, 4, 4)] * 2
     assert not enc[0].requires_grad and dec[0].requires_grad
@@ -190,7 +191,8 @@ def test_crr_model_shapes_vit(prefix):
     assert rmap.shape == (2, 1, 4, 4)
     torch.testing.assert_close(rmap[:, 0], (1 - cos).mean(1))
     assert model.reconstruction_map(enc, dec, out_size=(32, 32)).shape == (2, 1, 32, 32)
-    assert model.global_embedding(dec).shape == (2, 768) and len(model.dense_features(dec)) == 2
+    # the bottleneck maps a contrastive plug-in reads: its frozen input, its trainable output
+    assert out.fused.shape == out.bottleneck.shape == (2, 384, 4, 4) and out.bottleneck.requires_grad
 
     # only bottleneck + decoder train; eval is deterministic with mask_at_test=False
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -207,22 +209,23 @@ def test_crr_model_cnn_adaptation():
     assert backbone.channels == [24, 40, 112]
     assert model.embed_dim == 128 and model.groups == [[0, 1], [2]]
     model.train()
-    assert not backbone.training  # frozen BN statistics
-    enc, dec = model(torch.randn(2, 3, 64, 64))
+    out = model(torch.randn(2, 3, 64, 64))
+    enc, dec = out.encoder, out.decoder
     assert [tuple(t.shape) for t in enc + dec] == [(2, 128, 4, 4)] * 4
-    assert all(not p.requires_grad for p in backbone.parameters())
+    assert not enc[0].requires_grad  # the encoder side is never trained (the backbone wrapper freezes)
     # the width adapters are fixed isometries for C_i <= D: cosine geometry of each level is kept
     w = model.level_proj_0
     torch.testing.assert_close(w @ w.T, torch.eye(24), atol=1e-5, rtol=0)
     assert "level_proj_0" in model.state_dict() and not any("level_proj" in n for n, _ in model.named_parameters())
     finest = CRRModel(backbone, token_grid="finest", embed_dim=64)
-    assert finest(torch.randn(1, 3, 64, 64))[0][0].shape == (1, 64, 16, 16)
+    assert finest(torch.randn(1, 3, 64, 64)).encoder[0].shape == (1, 64, 16, 16)
 
 
 def test_crr_model_with_project_backbone():
     backbones = pytest.importorskip("mcad.models.backbones")
     bb = backbones.TimmBackbone("vit_small_patch14_reg4_dinov2", list(range(2, 10)), pretrained=False, img_size=56)
-    enc, dec = CRRModel(bb)(torch.randn(1, 3, 56, 56))
+    out = CRRModel(bb)(torch.randn(1, 3, 56, 56))
+    enc, dec = out.encoder, out.decoder
     assert [tuple(t.shape) for t in enc + dec] == [(1, 384, 4, 4)] * 4
 
 
@@ -261,8 +264,9 @@ def test_stage_one_training_lowers_loss():
     model.train()
     for step in range(30):
         idx = torch.randint(0, 8, (4,))
-        enc, dec = model(images[idx])
-        _, dec_syn = model(synthetic[idx])
+        out = model(images[idx])
+        enc, dec = out.encoder, out.decoder
+        dec_syn = model(synthetic[idx]).decoder
         p = hard_mining_p(step, ramp_iters=20)
         loss = global_cosine_hard_mining(enc, dec, p) + global_cosine_hard_mining(enc, dec_syn, p)
         opt.zero_grad()

@@ -15,9 +15,9 @@ from timm.layers import resample_abs_pos_embed
 
 from mcad.build import build_components
 from mcad.methods.crr import CRRModel
+from mcad.methods.crr.components.bottleneck import NoisyBottleneck
 from mcad.methods.crr.official import OfficialCheckpointError, convert_official_checkpoint, recon_key, seg_key
 from mcad.models.backbones import TimmBackbone, dinov2_interpolate_pos_embed
-from mcad.models.blocks.bottleneck import NoisyBottleneck
 from mcad.synthesis.perlin import PerlinSynthesizer, PilAutocontrast
 
 VIT = "vit_small_patch14_reg4_dinov2"
@@ -116,11 +116,13 @@ def test_prefix_tokens_travel_through_the_decoder():
     model = CRRModel(bb).eval()
     seen = []
     model.bottleneck.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
-    enc, dec = model(torch.randn(2, 3, 56, 56))
+    out = model(torch.randn(2, 3, 56, 56))
+    enc, dec = out.encoder, out.decoder
     assert seen == [(2, 5 + 16, 384)]  # CLS + 4 registers + 4x4 patches, as the official ViTill
     assert [tuple(t.shape) for t in enc + dec] == [(2, 384, 4, 4)] * 4
     bb.prefix_tokens = False  # backbone.prefix_tokens=false: patch tokens only
-    enc, dec = model(torch.randn(2, 3, 56, 56))
+    out = model(torch.randn(2, 3, 56, 56))
+    enc, dec = out.encoder, out.decoder
     assert seen[-1] == (2, 16, 384) and [tuple(t.shape) for t in enc + dec] == [(2, 384, 4, 4)] * 4
     with pytest.raises(ValueError, match="prefix_tokens"):
         TimmBackbone("tf_efficientnet_lite0", [1, 2], pretrained=False, prefix_tokens=True)

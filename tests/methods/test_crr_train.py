@@ -48,14 +48,14 @@ def test_crr_paper_setting_builds_with_the_official_sizes(make_config):
     assert (cfg.data.image_size, cfg.data.crop_size, cfg.trainer.gradient_clip_val) == (448, 392, 0.1)
     assert cfg.protocol.name == "dinomaly" and cfg.protocol.seg_weight == 0.3
     method, datamodule = build_components(cfg)
-    assert datamodule.synthesizer is not None  # image-level synthesis is wired into the data layer
+    assert datamodule.request.synthesizer is not None  # the method asked the data layer for its synthesizer
     counts = method.parameter_counts()
     assert counts["params_reconstruction"] == PAPER_RECON_PARAMS
     assert counts["params_seg_head"] == PAPER_SEG_HEAD_PARAMS
-    assert [p["name"] for p in method.training_phases()] == ["stage1", "stage2"]
-    assert method.training_phases()[0]["trainer"]["max_steps"] == 10_000
-    assert method.training_phases()[1]["trainer"]["max_steps"] == 8_000
-    assert method.training_phases()[1]["data"] == {"batch_size": 8}
+    phases = method.training_phases()
+    assert [p.name for p in phases] == ["stage1", "stage2"]
+    assert phases[0].trainer["max_steps"] == 10_000 and phases[1].trainer["max_steps"] == 8_000
+    assert phases[1].data == {"batch_size": 8}
 
 
 def test_masking_ratio_in_training_and_deterministic_test_by_default(make_config):
@@ -91,14 +91,28 @@ def test_masking_ratio_in_training_and_deterministic_test_by_default(make_config
     assert ((masked == 0) & (x != 0)).any()
 
 
-def test_feature_hooks_for_loss_plugins(make_config):
-    cfg = make_config([*TINY, "backbone.pretrained=false"])
-    method, _ = build_components(cfg)
+def test_contrastive_hook_for_loss_plugins(make_config):
+    cfg = make_config([*TINY, "backbone.pretrained=false", "loss=ccl"])
+    method, dm = build_components(cfg)
     images = torch.randn(2, 3, 64, 64)
-    dense = method.dense_features(images)
-    assert [tuple(d.shape) for d in dense] == [(2, 64, 4, 4)] * 2 and all(d.requires_grad for d in dense)
-    emb = method.global_embedding(images)
-    assert emb.shape == (2, 128) and emb.requires_grad
+    batch = {"image": images, "image_aug": images.flip(-1), "synthetic_image": images.roll(8, -1),
+             "synthetic_mask": torch.zeros(2, 1, 64, 64), "contrast_label": torch.tensor([0, 1])}  # fmt: skip
+    method.train()
+    blocks = []
+    handles = [blk.register_forward_hook(lambda *_: blocks.append(1)) for blk in method.model.decoder]
+    own, feats = method.contrastive_forward(batch)
+    for handle in handles:
+        handle.remove()
+    # the decoder blocks run once (the stage-I pass over [x; x~]); the augmented view only to the bottleneck
+    assert len(blocks) == len(method.model.decoder)
+    assert set(own) == {"loss", "normal", "repair"}
+    assert [tuple(d.shape) for d in feats.dense + feats.dense_aug] == [(2, 64, 4, 4)] * 2
+    assert feats.dense[0].requires_grad and not feats.correspondence[0].requires_grad
+    assert feats.embedding.shape == feats.embedding_aug.shape == (2, 64)
+    terms = method.loss_plugin(feats, batch)
+    assert all(torch.isfinite(v) for v in terms.values())
+    assert dm.request.synthesizer is not None and dm.request.second_view is not None
+    method.eval()
     assert method.anomaly_maps(images).segmentation is None  # stage II not started: reconstruction only
 
 

@@ -30,6 +30,7 @@ def test_rd_trains_and_separates_defects_on_synthetic_data(make_config, fast_dat
     assert saved["protocol"]["name"] == "mcad"
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "run" / "metrics.md").read_text().count("|") > 20
+
     # the checkpoint restores the trained weights: a rebuilt method with them evaluates to the same metrics,
     # one without them does not
     def evaluate(method, datamodule):

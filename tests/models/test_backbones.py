@@ -1,4 +1,7 @@
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -10,9 +13,9 @@ from mcad.models.backbones import (
     TimmBackbone,
     WeightsError,
     lite0_pypi_state_dict,
-    load_state_dict_file,
     weights_fetch_error,
 )
+from mcad.utils.checkpoints import CheckpointError, load_state_dict_file
 
 
 def _classify(model, image):
@@ -71,7 +74,7 @@ def test_local_weights_file_round_trip_and_mismatch(tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(WeightsError, match="missing"):
         TimmBackbone("tf_efficientnet_b0", [1, 2], pretrained=False, weights_path=str(path))
-    with pytest.raises(WeightsError, match="not found"):
+    with pytest.raises(CheckpointError, match="not found"):
         TimmBackbone("tf_efficientnet_lite0", [1], pretrained=False, weights_path=str(tmp_path / "nope.pth"))
 
 
@@ -85,7 +88,7 @@ def test_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as fh:
         pickle.dump({"state_dict": _Exploit()}, fh)
-    with pytest.raises(WeightsError, match="weights_only"):
+    with pytest.raises(CheckpointError, match="weights_only"):
         load_state_dict_file(path)
     assert not (tmp_path / "PWNED").exists()
 
@@ -102,6 +105,36 @@ def test_failed_weight_download_gives_an_actionable_error():
         raise err
     for way_out in ("backbone.weights_path=", "backbone=tf_efficientnet_lite0", "backbone.pretrained=false"):
         assert way_out in message
+
+
+@pytest.mark.parametrize("offline_flag", [False, True])
+def test_offline_start_fails_within_seconds(tmp_path, offline_flag):
+    """Paper weights on a machine without hub access: the actionable error in seconds, not after a minute of retries.
+
+    Run in a child with empty weight caches; CI and this machine reach no weight host (only package registries),
+    so the probe meets a blocked network. ``HF_HUB_OFFLINE=1`` must fail as fast without any probe.
+    """
+    code = (
+        "import time; t = time.perf_counter()\n"
+        "from mcad.models.backbones import TimmBackbone, WeightsError\n"
+        "start = time.perf_counter()\n"
+        "try:\n"
+        "    TimmBackbone('wide_resnet50_2.racm_in1k', [1, 2, 3], pretrained=True)\n"
+        "except WeightsError as err:\n"
+        "    print(f'{time.perf_counter() - start:.2f}'); print(err)\n"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch")}
+    env.pop("HF_HUB_OFFLINE", None)
+    if offline_flag:
+        env["HF_HUB_OFFLINE"] = "1"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    lines = done.stdout.strip().splitlines()
+    assert done.returncode == 0 and lines, done.stderr[-2000:]
+    if not offline_flag and "no connection" not in done.stdout:
+        pytest.skip("a weight host is reachable from this machine: nothing to fail fast on")
+    assert float(lines[0]) < 10.0, lines  # seconds from construction to the error (imports excluded)
+    assert "backbone.weights_path=" in done.stdout and "backbone=tf_efficientnet_lite0" in done.stdout
+    assert ("HF_HUB_OFFLINE" if offline_flag else "no connection") in done.stdout
 
 
 def test_creation_errors_without_a_download_are_not_relabelled(monkeypatch):

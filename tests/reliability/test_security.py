@@ -24,7 +24,6 @@ from mcad.config.validate import ConfigError
 from mcad.data.datasets import FORMATS, Download
 from mcad.data.download import safe_extract
 from mcad.data.io import DataError
-from mcad.models.backbones import WeightsError
 from mcad.train import train
 from mcad.utils.checkpoints import CheckpointError
 
@@ -178,8 +177,8 @@ def test_crafted_backbone_weights_are_refused_without_running_code(make_config, 
     run = tmp_path / "run"
     overrides = [*TINY, "backbone.weights_source=null", "backbone.pretrained=false", f"backbone.weights_path={evil}"]
     with pytest.raises(InstantiationException, match=r"Refusing to load .*raw\.ckpt.*weights_only") as info:
-        train(make_config(overrides, run))  # Hydra names the backbone target and wraps the WeightsError
-    assert isinstance(info.value.__cause__, WeightsError)
+        train(make_config(overrides, run))  # Hydra names the backbone target and wraps the CheckpointError
+    assert isinstance(info.value.__cause__, CheckpointError)
     assert not (tmp_path / "PWNED").exists()
     assert_no_results(run)
 

@@ -186,12 +186,8 @@ def test_otsu_restricts_mask_to_foreground():
         np.testing.assert_array_equal(out[~grown], img[~grown])
 
 
-def test_precomputed_foreground_and_validation():
+def test_synthesizer_validation():
     img = _random_image(5)
-    fg = np.zeros(img.shape[:2], np.float32)
-    fg[:, : SIZE // 2] = 1
-    _, mask = PerlinSynthesizer(max_tries=50)(img, np.random.default_rng(0), foreground_mask=fg)
-    assert mask[:, SIZE // 2 :].sum() == 0
     with pytest.raises(ValueError):
         PerlinSynthesizer(foreground="dis")
     with pytest.raises(ValueError):

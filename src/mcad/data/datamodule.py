@@ -59,6 +59,8 @@ class MultiClassDataModule(L.LightningDataModule):
             each paper recipe sets its official code's filter (:mod:`mcad.data.transforms`).
         mask_filter: Mask resizing filter (``cv2_linear``, ``pil_bilinear``, ``nearest``).
         mask_threshold: Binarise masks right after resizing (``>=``, CRR: 0.5); ``None`` = keep grey levels.
+        synthesis_filter: Resize filter of the image an image-level synthesizer starts from, when its official
+            code resizes it differently from the clean image (CRR: ``cv2_linear``); ``None`` = the clean image.
         geometry: Input geometry (:mod:`mcad.data.geometry`): ``squash`` (default; every paper recipe: resize
             to ``image_size`` square), ``keep_aspect`` (longer side to ``image_size``, padded to square; the
             padding is excluded from evaluation) or ``tile`` (overlapping ``image_size`` tiles of a working
@@ -97,6 +99,7 @@ class MultiClassDataModule(L.LightningDataModule):
         image_filter: str = "area",
         mask_filter: str = "cv2_linear",
         mask_threshold: float | None = None,
+        synthesis_filter: str | None = None,
         geometry: str = "squash",
         tile_scale: float = 1.0,
         tile_overlap: float = 0.25,
@@ -137,6 +140,7 @@ class MultiClassDataModule(L.LightningDataModule):
         except ValueError as err:
             raise DataError(str(err)) from err
         self.crop_size = crop_size
+        self.synthesis_filter = synthesis_filter
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
@@ -265,7 +269,8 @@ class MultiClassDataModule(L.LightningDataModule):
         dataset = AnomalyDataset(
             records, self.class_names, self.resize, build_transform(self.crop_size, request.synthesizer is not None),
             normalizer, cache, request.synthesizer, view_transform,
-            view_from_original=view is not None and view.from_original, geometry=self.geometry, draw_tiles=True,
+            view_from_original=view is not None and view.from_original, synthesis_filter=self.synthesis_filter,
+            geometry=self.geometry, draw_tiles=True,
         )  # fmt: skip
         dataset.validate(decode=cache is None)
         dataset.prefill_cache()

@@ -26,7 +26,7 @@ from mcad.data.geometry import Geometry, Placement, pad_to_canvas
 from mcad.data.io import DataError, image_size, load_image, load_mask
 from mcad.data.records import SampleRecord
 from mcad.data.requests import ImageSynthesizer
-from mcad.data.transforms import Normalizer, Resize
+from mcad.data.transforms import IMAGE_FILTERS, Normalizer, Resize, resize_image
 from mcad.utils.files import atomic_write
 
 __all__ = ["AnomalyDataset", "DecodedCache", "collate_samples"]
@@ -108,6 +108,9 @@ class AnomalyDataset(Dataset):
             for every item, not cached) instead of the load-size image: CCL's official view is cut from
             the full-resolution image (docs/codes.md E-CCL5). Only with ``squash``: otherwise the view is
             cut from the model input (the tile or the padded canvas), so that it shows the same content.
+        synthesis_filter: Resize filter of the synthesizer's input when it must differ from the clean
+            image's (CRR: the clean target through PIL bilinear, the synthetic source through cv2 bilinear,
+            docs/codes.md E-CRR4); the file is then decoded again for each item. ``None`` = the clean image.
         geometry: The input geometry (default: ``resize.geometry``, else ``squash`` at ``resize.size``).
         draw_tiles: With ``geometry=tile``: one random tile per item (training; drawn from the sample seed),
             else the whole working image (testing, prediction).
@@ -125,6 +128,7 @@ class AnomalyDataset(Dataset):
         synthesizer: ImageSynthesizer | None = None,
         view_transform: A.Compose | None = None,
         view_from_original: bool = False,
+        synthesis_filter: str | None = None,
         geometry: Geometry | None = None,
         draw_tiles: bool = False,
         tile_batch: int = 32,
@@ -143,6 +147,9 @@ class AnomalyDataset(Dataset):
         self.view_transform = view_transform
         self.geometry = geometry or resize.geometry or Geometry("squash", resize.size)
         self.view_from_original = view_from_original and self.geometry.kind == "squash"
+        if synthesis_filter is not None and synthesis_filter not in IMAGE_FILTERS:
+            raise DataError(f"data.synthesis_filter must be one of {IMAGE_FILTERS} or null, got '{synthesis_filter}'.")
+        self.synthesis_filter = synthesis_filter if self.geometry.kind == "squash" else None
         self.draw_tiles = draw_tiles and self.geometry.kind == "tile"
         self.tile_batch = int(tile_batch)
         # The normalisation mean as a uint8 colour: keep_aspect's padding, about 0 once normalised.
@@ -211,7 +218,11 @@ class AnomalyDataset(Dataset):
         if self.synthesizer is not None:
             # Without a sample seed: torch's RNG, seeded per worker by Lightning.
             seed = int(seeds[0]) if seeds is not None else int(torch.randint(0, 2**62, ()).item())
-            synthetic, synthetic_mask = self.synthesizer(image, np.random.default_rng(seed))
+            source = image
+            if self.synthesis_filter is not None:
+                decoded = original if original is not None else load_image(rec.image_path)
+                source = resize_image(decoded, self.resize.size, self.synthesis_filter)
+            synthetic, synthetic_mask = self.synthesizer(source, np.random.default_rng(seed))
             targets["synthetic_image"] = synthetic
             targets["synthetic_mask"] = (np.asarray(synthetic_mask) * 255).astype(np.uint8)
         out = self.transform(**targets)

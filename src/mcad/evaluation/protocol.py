@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 SMOOTHING = ("gaussian", "none")
+MASK_RESIZES = ("bilinear", "nearest")
 REDUCERS = ("max", "topk_mean")
 BORDERS = ("reflect", "constant")
 
@@ -47,7 +48,12 @@ class EvalProtocol:
             square). For non-square data under ``data.geometry=keep_aspect`` / ``tile``, whose evaluated maps
             and masks are all brought to this one grid (:mod:`mcad.evaluation.stitching`).
         gt_threshold: Masks (bilinear-resized, in [0, 1]) are binarised as ``mask > gt_threshold``.
-        gt_inclusive: Binarise as ``mask >= gt_threshold`` instead (CRR's and Dinomaly's loaders).
+        gt_inclusive: Binarise as ``mask >= gt_threshold`` instead (CRR's loader).
+        mask_resize: How masks reach the evaluation grid: ``bilinear`` (mcad, ADer, CRR) or ``nearest``
+            (Dinomaly's evaluation, ``utils.py::evaluation_batch``).
+        resize_via_input: Resize maps to the model input's size first (bilinear, ``align_corners=True``) and
+            from there to the evaluation grid (bilinear, ``align_corners=False``), as Dinomaly's evaluation does
+            (392, then 256); ``False`` = straight to the grid (mcad, ADer, RLR, CRR).
         smoothing: ``gaussian`` or ``none``.
         sigma: Gaussian sigma in pixels of the evaluation resolution.
         kernel_size: Gaussian support; ``None`` = scipy's ``gaussian_filter`` default
@@ -68,6 +74,8 @@ class EvalProtocol:
     eval_shape: tuple[int, int] | None = None
     gt_threshold: float = 0.5
     gt_inclusive: bool = False
+    mask_resize: str = "bilinear"
+    resize_via_input: bool = False
     smoothing: str = "gaussian"
     sigma: float = 4.0
     kernel_size: int | None = None
@@ -86,6 +94,8 @@ class EvalProtocol:
             self.eval_shape = (shape[0], shape[1])
         if min(self.eval_hw) < 1:
             raise ValueError(f"protocol.eval_size / eval_shape must be positive, got {self.eval_hw}.")
+        if self.mask_resize not in MASK_RESIZES:
+            raise ValueError(f"protocol.mask_resize must be one of {MASK_RESIZES}, got '{self.mask_resize}'.")
         if self.smoothing not in SMOOTHING:
             raise ValueError(f"protocol.smoothing must be one of {SMOOTHING}, got '{self.smoothing}'.")
         if self.image_score not in REDUCERS:
@@ -146,7 +156,10 @@ class EvalProtocol:
 
     # ------------------------------------------------------------------------------ the pipeline
     def process(
-        self, anomaly_map: Tensor | Sequence[Tensor], segmentation: Tensor | None = None
+        self,
+        anomaly_map: Tensor | Sequence[Tensor],
+        segmentation: Tensor | None = None,
+        input_size: tuple[int, int] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Turns a method's raw output into evaluated pixel maps and image scores.
 
@@ -154,12 +167,16 @@ class EvalProtocol:
             anomaly_map: ``(B, 1, h, w)`` or ``(B, h, w)`` raw map, higher = more anomalous, or per-level
                 maps, each upsampled straight to ``eval_size`` and then averaged.
             segmentation: Optional ``(B, 1, h', w')`` anomaly probability of a segmentation head.
+            input_size: ``(H, W)`` of the images the maps come from (used by ``resize_via_input``).
 
         Returns:
             ``(pixel_maps, image_scores)``: ``(B, H, W)`` float32 maps at ``eval_size`` (smoothed or
             not, per ``smooth_for_pixel``) and ``(B,)`` scores from the smoothed map.
         """
-        maps = self.combine(anomaly_map, segmentation)
+        if self.resize_via_input and input_size is None:
+            raise ValueError("protocol.resize_via_input needs the input size: process(..., input_size=(H, W)).")
+        via = tuple(input_size) if self.resize_via_input and input_size is not None else None
+        maps = self.combine(anomaly_map, segmentation, via=via)
         smoothed = self.smooth(maps)
         pixel_maps = smoothed if self.smooth_for_pixel else maps
         return pixel_maps, self.reduce(smoothed)
@@ -169,42 +186,57 @@ class EvalProtocol:
         anomaly_map: Tensor | Sequence[Tensor],
         segmentation: Tensor | None = None,
         size: tuple[int, int] | None = None,
+        via: tuple[int, int] | None = None,
     ) -> Tensor:
         """Steps 1-2 of :meth:`process`: levels fused and the segmentation mixed in, at ``size`` (default: the grid).
 
         ``data.geometry=keep_aspect`` / ``tile`` combine at the model input's own pixel grid (``size``) and
         smooth and score after cutting away the padding or stitching the tiles.
         """
-        maps = self.fuse(anomaly_map, size)
+        maps = self.fuse(anomaly_map, size, via)
         if segmentation is not None and self.seg_weight > 0:
-            maps = (1.0 - self.seg_weight) * maps + self.seg_weight * self.upsample(segmentation, size)
+            maps = (1.0 - self.seg_weight) * maps + self.seg_weight * self.upsample(segmentation, size, via)
         return maps
 
-    def fuse(self, levels: Tensor | Sequence[Tensor], size: tuple[int, int] | None = None) -> Tensor:
+    def fuse(
+        self, levels: Tensor | Sequence[Tensor], size: tuple[int, int] | None = None, via: tuple[int, int] | None = None
+    ) -> Tensor:
         """``(B, H, W)`` mean of per-level maps, each upsampled straight to ``size`` (default ``eval_size``)."""
         if isinstance(levels, Tensor):
-            return self.upsample(levels, size)
+            return self.upsample(levels, size, via)
         if not levels:
             raise ValueError("A method returned an empty list of anomaly maps.")
-        return torch.stack([self.upsample(level, size) for level in levels]).mean(dim=0)
+        return torch.stack([self.upsample(level, size, via) for level in levels]).mean(dim=0)
 
-    def upsample(self, maps: Tensor, size: tuple[int, int] | None = None) -> Tensor:
-        """Bilinear (align_corners=True) resize of ``(B, 1, h, w)`` or ``(B, h, w)`` to ``size`` (default: the grid)."""
+    def upsample(self, maps: Tensor, size: tuple[int, int] | None = None, via: tuple[int, int] | None = None) -> Tensor:
+        """Bilinear (align_corners=True) resize of ``(B, 1, h, w)`` or ``(B, h, w)`` to ``size`` (default: the grid).
+
+        With ``via``, the map is first resized to ``via`` (align_corners=True) and from there to ``size``
+        (align_corners=False): Dinomaly's two-step evaluation resize.
+        """
         if maps.dim() == 3:
             maps = maps.unsqueeze(1)
         maps = maps.float()
         size = tuple(size) if size is not None else self.eval_hw
-        if tuple(maps.shape[-2:]) != size:
+        if via is not None and tuple(maps.shape[-2:]) != size:
+            if tuple(maps.shape[-2:]) != tuple(via):
+                maps = F.interpolate(maps, size=tuple(via), mode="bilinear", align_corners=True)
+            if tuple(via) != size:
+                maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+        elif tuple(maps.shape[-2:]) != size:
             maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=True)
         return maps.squeeze(1)
 
     def binarize_masks(self, masks: Tensor) -> Tensor:
-        """``(B, 1, h, w)`` masks in [0, 1] -> ``(B, H, W)`` uint8 {0, 1} on the grid: bilinear resize, threshold."""
+        """``(B, 1, h, w)`` masks in [0, 1] -> ``(B, H, W)`` uint8 {0, 1} on the grid: resize, threshold."""
         if masks.dim() == 3:
             masks = masks.unsqueeze(1)
         masks = masks.float()
         if tuple(masks.shape[-2:]) != self.eval_hw:
-            masks = F.interpolate(masks, size=self.eval_hw, mode="bilinear", align_corners=False)
+            if self.mask_resize == "nearest":
+                masks = F.interpolate(masks, size=self.eval_hw, mode="nearest")
+            else:
+                masks = F.interpolate(masks, size=self.eval_hw, mode="bilinear", align_corners=False)
         masks = masks.squeeze(1)
         binary = masks >= self.gt_threshold if self.gt_inclusive else masks > self.gt_threshold
         return binary.to(torch.uint8)

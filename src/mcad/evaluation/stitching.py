@@ -174,7 +174,7 @@ def evaluate_batch(anomaly_maps: MapFunction, protocol: EvalProtocol, batch: dic
     masks = batch.get("mask")
     if kind == "squash":
         out = anomaly_maps(images)
-        pixel_maps, scores = protocol.process(out.anomaly_map, out.segmentation)
+        pixel_maps, scores = protocol.process(out.anomaly_map, out.segmentation, tuple(images.shape[-2:]))
         b, _, h, w = images.shape
         windows = torch.tensor([[0, h, 0, w]], dtype=torch.int64).repeat(b, 1)
         gt = protocol.binarize_masks(masks) if masks is not None else None

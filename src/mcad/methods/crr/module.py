@@ -27,10 +27,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mcad.data.requests import DataRequest
+from mcad.evaluation.protocol import AnomalyMaps
 from mcad.losses.focal import focal_loss
 from mcad.losses.hard_mining import global_cosine_hard_mining, hard_mining_p
-from mcad.methods.base import AnomalyMaps, AnomalyModule
-from mcad.methods.crr.model import CRRModel
+from mcad.methods.base import AnomalyModule
+from mcad.methods.crr.model import CRRModel, CRROutput
+from mcad.methods.plugins.base import Batch, ContrastiveFeatures
 
 __all__ = ["CRRModule"]
 
@@ -167,44 +169,63 @@ class CRRModule(AnomalyModule):
         return request
 
     # ---------------------------------------------------------------------------- training
-    def _synthetic(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    def _synthetic(self, batch: Batch) -> tuple[Tensor, Tensor]:
         if "synthetic_image" not in batch:
             raise RuntimeError(
                 "CRR trains on synthetic anomalies: select an image-level synthesizer (synthesizer=perlin)."
             )
         return batch["synthetic_image"], batch["synthetic_mask"]
 
-    def training_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+    def training_losses(self, batch: Batch) -> dict[str, Tensor]:
         """Stage I: hard-mined cosine on the clean image + repair term; stage II: focal loss."""
-        if not self.repair and self.phase == STAGE1:
-            return self._clean_losses(batch["image"])
-        synthetic, mask = self._synthetic(batch)
         if self.phase == STAGE2:
+            synthetic, mask = self._synthetic(batch)
             logits = self.segmentation_logits(synthetic)
             target = F.interpolate(mask.float(), size=logits.shape[-2:], mode="bilinear", align_corners=False)
             return {"loss": focal_loss(logits, (target >= self.seg_threshold).float())}
+        return self._stage1(batch)[0]
+
+    def _stage1(self, batch: Batch) -> tuple[dict[str, Tensor], CRROutput]:
+        """Stage-I losses and the forward pass they came from (over ``[x; x~]``, or ``x`` without repair)."""
         images = batch["image"]
         b = images.shape[0]
+        p = hard_mining_p(self.global_step, self.hard_mining_final, self.hard_mining_ramp)
+        self.log("train/hard_mining_p", p, on_step=True, on_epoch=False, batch_size=b)
+        if not self.repair:
+            # Dinomaly: the hard-mined loss between E(x) and D(x) alone (``dinomaly_mvtec_uni.py``).
+            out = self.model(images)
+            return {"loss": self.loss_fn(out.encoder, out.decoder, p=p)}, out
+        synthetic, _ = self._synthetic(batch)
         # One pass over [x; x~] equals the official two passes: the frozen encoder is per-sample (eval
         # BatchNorm / LayerNorm), masks and dropout are drawn per element, and the hard-mining
         # thresholds are computed per loss call on each half separately, as there.
-        enc, dec = self.model(torch.cat([images, synthetic]))
-        enc_clean = [e[:b] for e in enc]
-        p = hard_mining_p(self.global_step, self.hard_mining_final, self.hard_mining_ramp)
-        normal = self.loss_fn(enc_clean, [d[:b] for d in dec], p=p)
+        out = self.model(torch.cat([images, synthetic]))
+        enc_clean = [e[:b] for e in out.encoder]
+        normal = self.loss_fn(enc_clean, [d[:b] for d in out.decoder], p=p)
         # Repair: the decoder output of x~ is pulled to the encoder features of the CLEAN x; E(x~) is unused.
-        repair = self.loss_fn(enc_clean, [d[b:] for d in dec], p=p)
-        self.log("train/hard_mining_p", p, on_step=True, on_epoch=False, batch_size=b)
-        return {"loss": normal + repair, "normal": normal, "repair": repair}
+        repair = self.loss_fn(enc_clean, [d[b:] for d in out.decoder], p=p)
+        return {"loss": normal + repair, "normal": normal, "repair": repair}, out
 
-    def _clean_losses(self, images: Tensor) -> dict[str, Tensor]:
-        # Dinomaly: the hard-mined loss between E(x) and D(x) alone (``dinomaly_mvtec_uni.py``).
-        enc, dec = self.model(images)
-        p = hard_mining_p(self.global_step, self.hard_mining_final, self.hard_mining_ramp)
-        self.log("train/hard_mining_p", p, on_step=True, on_epoch=False, batch_size=images.shape[0])
-        return {"loss": self.loss_fn(enc, dec, p=p)}
+    def contrastive_forward(self, batch: Batch) -> tuple[dict[str, Tensor], ContrastiveFeatures]:
+        """Stage I's losses and, for a plug-in, the bottleneck output of both views (one pass each).
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        The clean view's features come from the stage-I pass itself; the augmented view runs only the frozen
+        encoder and the bottleneck MLP (no decoder blocks), so a plug-in costs one encoder pass per step. The
+        dense features are the bottleneck's output map (what the decoder reads, the analogue of CCL's projected
+        maps), the embedding its spatial mean, and the views are matched on the bottleneck's frozen input (the
+        mean of the encoder levels).
+        """
+        losses, out = self._stage1(batch)
+        b = batch["image"].shape[0]
+        fused_aug, bottleneck_aug = self.model.bottleneck_maps(batch["image_aug"])
+        dense, fused = out.bottleneck[:b], out.fused[:b]
+        features = ContrastiveFeatures(
+            dense=[dense], dense_aug=[bottleneck_aug], embedding=dense.mean(dim=(2, 3)),
+            embedding_aug=bottleneck_aug.mean(dim=(2, 3)), correspondence=[fused], correspondence_aug=[fused_aug],
+        )  # fmt: skip
+        return losses, features
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         """Stage I through the base (adds loss plug-in terms); stage II: the focal loss alone."""
         if self.phase == STAGE1:
             return super().training_step(batch, batch_idx)
@@ -243,8 +264,8 @@ class CRRModule(AnomalyModule):
     def segmentation_logits(self, images: Tensor) -> Tensor:
         """Seg-head logits ``(B, 2, H, W)`` of a batch; the reconstruction network runs without gradients."""
         with torch.no_grad():
-            enc, dec = self.model(images)
-            seg_input = CRRModel.seg_input(enc, dec)
+            out = self.model(images)
+            seg_input = CRRModel.seg_input(out.encoder, out.decoder)
         return self.seg_head(seg_input)
 
     def anomaly_maps(self, images: Tensor) -> AnomalyMaps:
@@ -253,20 +274,12 @@ class CRRModule(AnomalyModule):
         The reconstruction map is ``mean_g(1 - cos)`` on the token grid; the segmentation map is the head's
         anomalous-class softmax probability. The protocol upsamples and fuses them.
         """
-        enc, dec = self.model(images)
-        recon = CRRModel.reconstruction_map(enc, dec)
+        out = self.model(images)
+        recon = CRRModel.reconstruction_map(out.encoder, out.decoder)
         seg = None
         if self.seg_head is not None and bool(self.seg_head_active):
-            seg = torch.softmax(self.seg_head(CRRModel.seg_input(enc, dec)), dim=1)[:, 1:]
+            seg = torch.softmax(self.seg_head(CRRModel.seg_input(out.encoder, out.decoder)), dim=1)[:, 1:]
         return AnomalyMaps(recon, seg)
-
-    def dense_features(self, images: Tensor) -> list[Tensor]:
-        """The decoder's group maps ``(B, D, h, w)`` (the trainable dense features, with gradients)."""
-        return CRRModel.dense_features(self.model(images)[1])
-
-    def global_embedding(self, images: Tensor) -> Tensor:
-        """Concatenated global average pools of the decoder group maps, ``(B, G·D)``."""
-        return CRRModel.global_embedding(self.model(images)[1])
 
     def parameter_counts(self) -> dict[str, int]:
         """Totals plus the two trained parts separately (reconstruction network, segmentation head)."""

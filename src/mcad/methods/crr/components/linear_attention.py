@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Mlp
 from torch import nn
 
-__all__ = ["LinearAttention", "LinearAttentionBlock", "Mlp"]
+__all__ = ["LinearAttention", "LinearAttentionBlock"]
 
 
 class LinearAttention(nn.Module):
@@ -53,21 +54,6 @@ class LinearAttention(nn.Module):
         return self.proj_drop(self.proj(out))
 
 
-class Mlp(nn.Module):
-    """Two-layer MLP of a transformer block: Linear -> GELU -> Dropout -> Linear -> Dropout."""
-
-    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the MLP token-wise."""
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
-
-
 class LinearAttentionBlock(nn.Module):
     """Pre-norm ViT block with linear attention: x + Attn(LN(x)), then x + MLP(LN(x)).
 
@@ -96,7 +82,8 @@ class LinearAttentionBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = LinearAttention(dim, num_heads=num_heads, qkv_bias=qkv_bias, proj_drop=drop)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        # Linear - GELU - Dropout - Linear - Dropout, as the official Mlp (and timm's).
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the block to tokens `(B, N, C)`."""
