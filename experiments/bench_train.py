@@ -12,6 +12,7 @@ Usage::
 
     python experiments/bench_train.py                                 # all methods, proxy recipes, real data, CPU
     python experiments/bench_train.py --methods rd rlr --steps 20 --data-root ../shared/data/real
+    python experiments/bench_train.py --methods rlr rlr+ccl crr crr+ccl      # what the CCL plug-in costs
     python experiments/bench_train.py --paper --accelerator gpu --precision bf16-mixed   # paper backbones
 
 Timed windows skip the first ``--warmup`` steps (allocator and thread-pool warm-up). Lightning and bare
@@ -45,7 +46,9 @@ from mcad.training.efficiency import count_flops
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_cfg(method: str, args: argparse.Namespace, out: Path, cache: Path):
+def make_cfg(spec: str, args: argparse.Namespace, out: Path, cache: Path):
+    """The run config of one benchmark entry: ``method`` or ``method+plugin`` (``crr+ccl``: ``loss=ccl``)."""
+    method, *plugins = spec.split("+")
     common = [f"data.num_workers={args.workers}", f"channels_last={str(args.channels_last).lower()}",
               f"trainer.accelerator={args.accelerator}", f"trainer.precision={args.precision}",
               "trainer.enable_progress_bar=false", "logger=none", "callbacks=none"]  # fmt: skip
@@ -63,7 +66,7 @@ def make_cfg(method: str, args: argparse.Namespace, out: Path, cache: Path):
         overrides += ["data=synthetic", f"data.options.num_train={args.synthetic_train}"]
     else:
         overrides += ["data=folder", f"data.root={args.data_root}"]
-    overrides += common
+    overrides += [f"loss={plugin}" for plugin in plugins] + common
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, f"hydra.run.dir={out}"], return_hydra_config=True)
@@ -201,7 +204,8 @@ def lightning_loop(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=["rd", "ccl_rd", "rlr", "crr"])
+    parser.add_argument("--methods", nargs="+", default=["rd", "ccl_rd", "rlr", "crr"],
+                        help="method names, or method+loss plug-in (crr+ccl): a plug-in's cost")  # fmt: skip
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "real"),
                         help="an MVTec-layout folder, or 'synthetic' for the procedural dataset")  # fmt: skip
     parser.add_argument("--synthetic-train", type=int, default=40, help="training images per synthetic class")
@@ -223,7 +227,7 @@ def main() -> None:
     rows = []
     try:
         for name in args.methods:
-            if name not in available:
+            if name.split("+")[0] not in available:
                 print(f"[skip] method {name}: no conf/method/{name}.yaml")
                 continue
             cache = work / f"cache-{name}"

@@ -25,7 +25,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 import numpy as np
@@ -37,13 +37,16 @@ from mcad.config import config_dir
 from mcad.runs import find_run_dir, load_run_config, load_trained_method
 from mcad.utils.files import atomic_write_text
 
+if TYPE_CHECKING:  # for annotations only: importing the methods' base pulls in Lightning
+    from mcad.methods.base import AnomalyModule
+
 log = logging.getLogger(__name__)
 
 
 class InferencePath(nn.Module):
     """A method's inference path as a plain module: ``images -> (anomaly_map, score)`` or the raw maps."""
 
-    def __init__(self, method: nn.Module, postprocess: bool = True) -> None:
+    def __init__(self, method: AnomalyModule, postprocess: bool = True) -> None:
         super().__init__()
         self.method = method
         self.postprocess = postprocess
@@ -53,7 +56,8 @@ class InferencePath(nn.Module):
         """The outputs named in :meth:`output_names`."""
         out = self.method.anomaly_maps(images)
         if self.postprocess:
-            maps, scores = self.method.protocol.process(out.anomaly_map, out.segmentation, tuple(images.shape[-2:]))
+            height, width = images.shape[-2:]
+            maps, scores = self.method.protocol.process(out.anomaly_map, out.segmentation, (height, width))
             return maps, scores
         levels = out.anomaly_map if isinstance(out.anomaly_map, list) else [out.anomaly_map]
         return (*levels, out.segmentation) if out.segmentation is not None else tuple(levels)
@@ -70,7 +74,7 @@ class InferencePath(nn.Module):
 
 
 def export_onnx(
-    method: nn.Module,
+    method: AnomalyModule,
     input_size: int,
     path: str | Path,
     postprocess: bool = True,
@@ -118,7 +122,7 @@ def export_onnx(
     return path
 
 
-def onnx_max_difference(method: nn.Module, path: str | Path, input_size: int, postprocess: bool = True,
+def onnx_max_difference(method: AnomalyModule, path: str | Path, input_size: int, postprocess: bool = True,
                         batch_size: int = 3, seed: int = 0) -> float:  # fmt: skip
     """Largest absolute difference between onnxruntime and PyTorch over all outputs on a random batch."""
     import onnxruntime as ort
@@ -148,6 +152,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     run_cfg = load_run_config(run_dir, output.parent, cfg.get("set"))
     method, datamodule = load_trained_method(run_cfg, ckpt)
     size = int(datamodule.input_size)
+    assert datamodule.mean is not None and datamodule.std is not None  # set by load_trained_method's configure()
     metadata = {
         "input_size": size,
         "mean": list(datamodule.mean),

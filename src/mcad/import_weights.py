@@ -69,7 +69,7 @@ def _rlr(official: Mapping[str, Any], seg: Mapping[str, Any] | None, ref: Mappin
 def _crr(official: Mapping[str, Any], seg: Mapping[str, Any] | None, ref: Mapping[str, Tensor]) -> dict[str, Tensor]:
     from mcad.methods.crr.official import convert_official_checkpoint
 
-    return convert_official_checkpoint(official, seg, reference=ref)  # type: ignore[arg-type]
+    return convert_official_checkpoint(official, seg, reference=ref)
 
 
 CONVERTERS: dict[str, Converter] = {"rd": _rd, "ccl_rd": _ccl_rd, "rlr": _rlr, "crr": _crr, "dinomaly": _crr}

@@ -15,14 +15,15 @@ import os
 import time
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from mcad.utils.files import atomic_write_text
 
 if TYPE_CHECKING:  # mcad-report reads failure records from here: no torch / lightning import at start-up
-    import lightning as L
+    from mcad.data.datamodule import MultiClassDataModule
+    from mcad.methods.base import AnomalyModule
 
 __all__ = [
     "FAILED_FILE",
@@ -119,7 +120,10 @@ def _saved_config(run_dir: Path) -> tuple[DictConfig, str | None]:
     """The run's config and, if it was saved resolved, its original output folder."""
     hydra_cfg = run_dir / ".hydra" / "config.yaml"
     if hydra_cfg.is_file():
-        return OmegaConf.load(hydra_cfg), None
+        loaded = OmegaConf.load(hydra_cfg)
+        if not isinstance(loaded, DictConfig):
+            raise TypeError(f"{hydra_cfg} holds a list, not a run config.")
+        return loaded, None
     results = run_dir / "results.json"
     if results.is_file():
         config = json.loads(results.read_text()).get("config")
@@ -158,15 +162,18 @@ def load_run_config(
         The config, with ``paths.output_dir = output_dir`` and backbone weights not loaded at build time
         (they come from the checkpoint).
     """
-    cfg, old_output = _saved_config(Path(run_dir))
-    container = OmegaConf.to_container(cfg, resolve=False)
+    saved, old_output = _saved_config(Path(run_dir))
+    container = OmegaConf.to_container(saved, resolve=False)
     if old_output:
         container = _rebase(container, str(old_output), str(output_dir))
     cfg = OmegaConf.create(container)
+    assert isinstance(cfg, DictConfig)  # the container of a DictConfig is a dict
     if protocol is not None:
         cfg.protocol = protocol
     if set_values:  # after the protocol option, so that +set.protocol.<key> edits the chosen protocol
-        cfg = OmegaConf.merge(cfg, OmegaConf.create(OmegaConf.to_container(OmegaConf.create(set_values))))
+        merged = OmegaConf.merge(cfg, OmegaConf.create(OmegaConf.to_container(OmegaConf.create(set_values))))
+        assert isinstance(merged, DictConfig)  # merging into a DictConfig keeps it one
+        cfg = merged
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
         root = OmegaConf.select(cfg, "paths.root_dir", throw_on_resolution_failure=False)
@@ -179,7 +186,7 @@ def load_run_config(
     return cfg
 
 
-def load_trained_method(cfg: DictConfig, ckpt_path: str | Path) -> tuple[L.LightningModule, L.LightningDataModule]:
+def load_trained_method(cfg: DictConfig, ckpt_path: str | Path) -> tuple[AnomalyModule, MultiClassDataModule]:
     """Builds the run's method and data module and loads the checkpoint's weights (eval mode, CPU)."""
     # Imported here: mcad-report reads failure records from this module and must not import every method.
     from mcad.build import build_components
@@ -198,7 +205,10 @@ def run_choices(run_dir: str | Path) -> dict[str, Any]:
     if hydra_yaml.is_file():
         choices = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.runtime.choices", default=None)
         if choices is not None:
-            return dict(OmegaConf.to_container(choices))
+            container = OmegaConf.to_container(choices)
+            if not isinstance(container, dict):
+                raise TypeError(f"{hydra_yaml}: hydra.runtime.choices is not a mapping.")
+            return {str(k): v for k, v in container.items()}
     results = run_dir / "results.json"
     if results.is_file():
         method = json.loads(results.read_text()).get("method")
@@ -213,7 +223,8 @@ def set_hydra_choices(choices: dict[str, Any]) -> None:
 
     if not HydraConfig.initialized():
         return
-    hydra_node = HydraConfig.instance().cfg.hydra
+    # Hydra stores the whole config here as a DictConfig, although the attribute is annotated HydraConf.
+    hydra_node = cast(DictConfig, HydraConfig.instance().cfg).hydra
     with read_write(hydra_node), open_dict(hydra_node):
         for key, value in choices.items():
             hydra_node.runtime.choices[key] = value

@@ -15,6 +15,7 @@ from mcad.losses.hard_mining import global_cosine, global_cosine_hard_mining, ha
 from mcad.methods.crr import CRRModel
 from mcad.methods.crr.components.bottleneck import NoisyBottleneck
 from mcad.methods.crr.components.linear_attention import LinearAttention, LinearAttentionBlock
+from mcad.methods.crr.components.resample import resample_to_grid
 from mcad.methods.crr.components.seg_head import SegmentationHead
 from mcad.optim import StableAdamW
 
@@ -174,7 +175,8 @@ def test_focal_loss_against_hand_computation():
 @pytest.mark.parametrize("prefix", [False, True])
 def test_crr_model_shapes_vit(prefix):
     torch.manual_seed(0)
-    model = CRRModel(ViTStandIn(img_size=56, prefix=prefix), dropout=0.2)
+    # the backbone wrapper (mcad.models.backbones) freezes a real encoder; the stand-in is frozen here
+    model = CRRModel(ViTStandIn(img_size=56, prefix=prefix).requires_grad_(False), dropout=0.2)
     assert model.embed_dim == 384 and model.groups == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert model.decoder_groups == [[0, 1, 2, 3], [4, 5, 6, 7]] and model.decoder[0].attn.num_heads == 6
     out = model(torch.randn(2, 3, 56, 56))
@@ -199,7 +201,7 @@ def test_crr_model_shapes_vit(prefix):
     assert trainable == {id(p) for p in model.trainable_parameters()}
     model.eval()
     x = torch.randn(1, 3, 56, 56)
-    torch.testing.assert_close(model(x)[1][0], model(x)[1][0])
+    torch.testing.assert_close(model(x).decoder[0], model(x).decoder[0])
 
 
 def test_crr_model_cnn_adaptation():
@@ -276,3 +278,13 @@ def test_stage_one_training_lowers_loss():
         losses.append(loss.item())
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.7 * first, (first, last)  # ~2.0 -> ~1.05 (noise from mask + dropout)
+
+
+@pytest.mark.parametrize(
+    "size_in, size_out", [((28, 28), (7, 7)), ((14, 10), (7, 7)), ((7, 5), (14, 14)), ((9, 9), (4, 6))]
+)
+def test_grid_resampling_equals_antialiased_bilinear(size_in, size_out):
+    # the adapter's matrix form is what F.interpolate(bilinear, antialias=True) computes, up and down
+    x = torch.randn(2, 3, *size_in, dtype=torch.float64)
+    expected = F.interpolate(x, size=size_out, mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(resample_to_grid(x, size_out), expected, rtol=0, atol=1e-12)

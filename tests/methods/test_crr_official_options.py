@@ -165,13 +165,13 @@ def test_flops_and_onnx_export_with_prefix_tokens(tmp_path):
 def test_dinomaly_recipe_builds(make_config):
     cfg = make_config(["experiment=dinomaly_mvtec", "backbone.pretrained=false"])
     assert (cfg.data.image_size, cfg.data.crop_size, cfg.data.batch_size, cfg.seed) == (448, 392, 16, 1)
-    assert cfg.protocol.name == "dinomaly" and cfg.trainer.gradient_clip_val == 0.1
+    assert cfg.protocol.name == "dinomaly_gt0" and cfg.trainer.gradient_clip_val == 0.1
     assert cfg.synthesizer.get("_target_") is None and cfg.method_name == "dinomaly"
     method, datamodule = build_components(cfg)
     assert datamodule.request.synthesizer is None and method.seg_head is None and not method.repair
     assert method.model.bottleneck.mask_ratio == 0.0 and method.model.bottleneck.drop.p == 0.2
-    assert [p["name"] for p in method.training_phases()] == ["stage1"]
-    assert method.training_phases()[0]["trainer"]["max_steps"] == 10_000
+    assert [p.name for p in method.training_phases()] == ["stage1"]
+    assert method.training_phases()[0].trainer["max_steps"] == 10_000
     counts = method.parameter_counts()
     assert counts["params_reconstruction"] == 61_425_408 and counts["params_seg_head"] == 0
     assert method.data_request().synthesizer is None

@@ -7,7 +7,7 @@ from metrics_reference import FOUR, aupro_bruteforce, aupro_reference, random_ma
 
 from mcad.metrics import UndefinedMetricWarning, aupro, pixel_metrics
 
-TOL = 1e-9  # exact engine; the spec requires 1e-4
+TOL = 1e-9  # exact engine; docs/evaluation.md only promises 1e-4
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -86,7 +86,7 @@ def _check_target(node: DictConfig, path: str) -> None:
             continue
         if key not in params:
             raise ConfigError(
-                f"Unknown key '{path}.{key}' for {target_name}.{_suggest(str(key), list(params))} "
+                f"Unknown key '{path}.{key!s}' for {target_name}.{_suggest(str(key), list(params))} "
                 f"Accepted keys: {', '.join(params)}."
             )
         value = OmegaConf.to_object(node[key]) if OmegaConf.is_config(node[key]) else node[key]
@@ -104,7 +104,7 @@ def _walk(node: Any, path: str) -> None:
     if isinstance(node, DictConfig):
         _check_target(node, path)
         for key in node:
-            _walk(node._get_node(key), f"{path}.{key}" if path else str(key))
+            _walk(node._get_node(key), f"{path}.{key!s}" if path else str(key))
     elif isinstance(node, ListConfig):
         for i, item in enumerate(node):
             _walk(item, f"{path}[{i}]")
@@ -118,6 +118,6 @@ def validate_config(cfg: DictConfig) -> None:
     """
     for key in cfg:
         if key not in TOP_LEVEL_KEYS and key != "hydra":
-            raise ConfigError(f"Unknown top-level key '{key}'.{_suggest(str(key), sorted(TOP_LEVEL_KEYS))}")
+            raise ConfigError(f"Unknown top-level key '{key!s}'.{_suggest(str(key), sorted(TOP_LEVEL_KEYS))}")
     resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     _walk(resolved, "")

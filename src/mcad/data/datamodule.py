@@ -316,7 +316,7 @@ class MultiClassDataModule(L.LightningDataModule):
     def _order(self, seed: int) -> Sampler[int]:
         assert self.train_dataset is not None
         dataset = self.train_dataset
-        order: Sampler[int] = (
+        order: ClassBalancedIndices | ShuffledIndices = (
             ClassBalancedIndices(dataset.class_ids.tolist(), seed)
             if self.sampler == "class_balanced"
             else ShuffledIndices(len(dataset), seed)

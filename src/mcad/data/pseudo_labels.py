@@ -229,8 +229,9 @@ def compute_pseudo_labels(
     )
 
     def compute() -> np.ndarray:
-        extractor = request.extractor().to(str(device))
-        batches = pseudo_label_batches(image_paths, request.input_size, extractor.mean, extractor.std)
+        built = request.extractor()
+        extractor = built.to(str(device))  # the module itself (nn.Module.to), typed without mean/std
+        batches = pseudo_label_batches(image_paths, request.input_size, built.mean, built.std)
         features = extract_global_features(extractor, batches, device=device)
         return kmeans_pseudo_labels(features, k, seed=request.seed, n_init=request.n_init)
 

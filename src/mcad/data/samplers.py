@@ -7,8 +7,8 @@ often the loop re-creates its iterators, so a resumed run continues with the bat
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence, Sized
+from typing import Any, Protocol
 
 import numpy as np
 from torch.utils.data import Sampler, get_worker_info
@@ -35,6 +35,16 @@ def seed_worker(worker_id: int, rank: int = 0) -> None:
     view = getattr(info.dataset, "view_transform", None) if info is not None else None
     if view is not None:
         reseed_from_torch(view)
+
+
+class EpochOrder(Protocol):
+    """An index order of known length whose permutation is chosen per epoch (:class:`ShuffledIndices` ...)."""
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[int]: ...
 
 
 class ShuffledIndices(Sampler[int]):
@@ -122,7 +132,7 @@ class MixedClassOrder(Sampler[int]):
         class_ids: Sequence[int],
         batch_size: int,
         seed: int = 0,
-        order: Sampler[int] | None = None,
+        order: EpochOrder | None = None,
         num_replicas: int = 1,
     ) -> None:
         self.class_ids = np.asarray(class_ids)
@@ -184,6 +194,8 @@ class EpochSeededSampler(Sampler):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
+        if not isinstance(self.inner, Sized):
+            raise TypeError(f"the wrapped sampler {type(self.inner).__name__} has no length")
         return len(self.inner)
 
     def __iter__(self) -> Iterator[Any]:

@@ -75,7 +75,11 @@ __all__ = [
     "default_memory_budget",
 ]
 
-_MAP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+_MAP_DTYPES: dict[torch.dtype, type[np.floating]] = {
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+    torch.float64: np.float64,
+}
 
 MEMORY_BUDGET_ENV = "MCAD_ACCUMULATOR_MEMORY_BUDGET"
 # In-memory cap of the stored maps + masks. Spilling costs little (the files are written and read back
@@ -147,7 +151,7 @@ def _copy_rows(dst: np.ndarray, src: Rows) -> None:
 
 def _write_all(fd: int, data: np.ndarray, path_hint: str) -> None:
     """Append the bytes of C-contiguous ``data`` to ``fd`` (a raw write may be partial)."""
-    view = memoryview(data.reshape(-1)).cast("B")
+    view = data.reshape(-1).data.cast("B")  # ndarray.data: the array's buffer as a memoryview
     try:
         while view.nbytes:
             n = os.write(fd, view[:_IO_CHUNK])
@@ -164,7 +168,7 @@ def _write_all(fd: int, data: np.ndarray, path_hint: str) -> None:
 
 def _read_into(fd: int, out: np.ndarray, offset: int) -> None:
     """Fill C-contiguous ``out`` with the bytes of ``fd`` from ``offset`` on."""
-    view = memoryview(out.reshape(-1)).cast("B")
+    view = out.reshape(-1).data.cast("B")  # ndarray.data: the array's buffer as a memoryview
     while view.nbytes:
         n = os.preadv(fd, [view[:_IO_CHUNK]], offset)
         if n == 0:
@@ -289,14 +293,16 @@ class _PixelStore:
         for c in np.unique(self._slot_class[: self._fill]):
             c = int(c)
             slots = self._slots(c)
-            if self._files[c] is None:
+            files = self._files[c]
+            if files is None:
                 # No name in the file system: the space is freed when the file is closed, whatever happens.
                 # The files live as long as the store (closed by close()), hence no context manager.
-                self._files[c] = (
+                files = (
                     tempfile.TemporaryFile(dir=self.spill_dir, prefix="mcad-maps-", buffering=0),  # noqa: SIM115
                     tempfile.TemporaryFile(dir=self.spill_dir, prefix="mcad-masks-", buffering=0),  # noqa: SIM115
                 )
-            map_file, mask_file = self._files[c]
+                self._files[c] = files
+            map_file, mask_file = files
             block, row = np.divmod(slots, self._block_rows)
             for bl in np.unique(block):
                 rows = row[block == bl]
@@ -319,7 +325,9 @@ class _PixelStore:
         on_disk = positions < n_disk
         out_rows = np.flatnonzero(on_disk)
         if out_rows.size:
-            map_fd, mask_fd = (f.fileno() for f in self._files[c])
+            files = self._files[c]
+            assert files is not None  # rows on disk were written to the class's files
+            map_fd, mask_fd = (f.fileno() for f in files)
             # Runs of consecutive positions that land in consecutive output rows: one read each.
             for p0, o0, k in _segments(positions[out_rows], out_rows):
                 _read_into(map_fd, out_maps[o0 : o0 + k], p0 * self.map_row_bytes)
@@ -583,25 +591,26 @@ class AnomalyMetricAccumulator(torchmetrics.Metric):
             )
         if masks.is_floating_point():
             raise ValueError("gt_masks must be bool or integer {0, 1}; binarise with the protocol's gt_threshold")
-        maps, masks = _host(maps), _host(masks)
-        if b and _outside_01(masks):
+        host_maps, host_masks = _host(maps), _host(masks)
+        if b and _outside_01(host_masks):
             raise ValueError("gt_masks must contain only 0 and 1")
         if self.map_dtype == torch.float16:
-            if isinstance(maps, np.ndarray):
+            rounded: Rows
+            if isinstance(host_maps, np.ndarray):
                 with np.errstate(over="ignore"):
-                    rounded = maps.astype(np.float16)
-                overflow = bool(np.isinf(rounded).any() and not np.isinf(maps).any())
+                    rounded = host_maps.astype(np.float16)
+                overflow = bool(np.isinf(rounded).any() and not np.isinf(host_maps).any())
             else:
-                rounded = maps.to(torch.float16)
-                overflow = bool(torch.isinf(rounded).any() and not torch.isinf(maps).any())
+                rounded = host_maps.to(torch.float16)
+                overflow = bool(torch.isinf(rounded).any() and not torch.isinf(host_maps).any())
             if overflow:
                 warnings.warn(
                     "anomaly map values exceed the float16 range (65504) and were stored as inf; "
                     "use map_dtype=torch.float32",
                     stacklevel=3,
                 )
-            maps = rounded
-        return maps, masks
+            host_maps = rounded
+        return host_maps, host_masks
 
     @staticmethod
     def _spatial(x: Tensor, b: int, name: str) -> Tensor:
@@ -650,8 +659,10 @@ class AnomalyMetricAccumulator(torchmetrics.Metric):
         stored = self._store.class_indices(c)
         unique, first = np.unique(stored, return_index=True)
         _check_rows(c, unique, want)
-        maps = np.empty((unique.size, *self._store.spatial), dtype=self._store.dtype)
-        masks = np.empty((unique.size, *self._store.spatial), dtype=np.uint8)
+        spatial = self._store.spatial
+        assert spatial is not None  # set by the first stored batch; a class with rows has one
+        maps = np.empty((unique.size, *spatial), dtype=self._store.dtype)
+        masks = np.empty((unique.size, *spatial), dtype=np.uint8)
         self._store.read(c, first, maps, masks)
         return maps, masks
 

@@ -45,7 +45,7 @@ Points = tuple[Sequence[float], Sequence[float]]
 
 
 def class_curve_points(
-    class_names: Sequence[str],
+    class_names: Sequence[str] | np.ndarray,
     scores: np.ndarray,
     labels: np.ndarray,
     maps: np.ndarray | None = None,
@@ -126,7 +126,7 @@ def write_curves(
             if len(x) > max_points:
                 from mcad.metrics import thin_curve
 
-                thin_x, thin_y = thin_curve(x, y, max_points)
+                thin_x, thin_y = thin_curve(np.asarray(x), np.asarray(y), max_points)
                 x, y = thin_x.tolist(), thin_y.tolist()
             entry[kind] = {"x": x, "y": y}
         classes[str(cls)] = entry

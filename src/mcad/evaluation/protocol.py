@@ -175,7 +175,7 @@ class EvalProtocol:
         """
         if self.resize_via_input and input_size is None:
             raise ValueError("protocol.resize_via_input needs the input size: process(..., input_size=(H, W)).")
-        via = tuple(input_size) if self.resize_via_input and input_size is not None else None
+        via = input_size if self.resize_via_input else None  # upsample() takes tuple(via) itself
         maps = self.combine(anomaly_map, segmentation, via=via)
         smoothed = self.smooth(maps)
         pixel_maps = smoothed if self.smooth_for_pixel else maps
@@ -217,14 +217,14 @@ class EvalProtocol:
         if maps.dim() == 3:
             maps = maps.unsqueeze(1)
         maps = maps.float()
-        size = tuple(size) if size is not None else self.eval_hw
-        if via is not None and tuple(maps.shape[-2:]) != size:
+        out_size = tuple(size) if size is not None else self.eval_hw
+        if via is not None and tuple(maps.shape[-2:]) != out_size:
             if tuple(maps.shape[-2:]) != tuple(via):
                 maps = F.interpolate(maps, size=tuple(via), mode="bilinear", align_corners=True)
-            if tuple(via) != size:
-                maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-        elif tuple(maps.shape[-2:]) != size:
-            maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=True)
+            if tuple(via) != out_size:
+                maps = F.interpolate(maps, size=out_size, mode="bilinear", align_corners=False)
+        elif tuple(maps.shape[-2:]) != out_size:
+            maps = F.interpolate(maps, size=out_size, mode="bilinear", align_corners=True)
         return maps.squeeze(1)
 
     def binarize_masks(self, masks: Tensor) -> Tensor:

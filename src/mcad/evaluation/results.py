@@ -15,7 +15,9 @@ from mcad.utils.files import atomic_write_text
 METRIC_COLUMNS = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO", "mAD")
 
 
-def _rows(per_class: Mapping[str, Mapping[str, float]], mean: Mapping[str, float]) -> list[tuple[str, dict]]:
+def _rows(
+    per_class: Mapping[str, Mapping[str, float]], mean: Mapping[str, float]
+) -> list[tuple[str, Mapping[str, float]]]:
     return [*per_class.items(), ("mean", dict(mean))]
 
 

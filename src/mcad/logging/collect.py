@@ -166,7 +166,10 @@ class MapCollector:
             heap = self._heaps[(cls, bucket)]
             if len(heap) >= limit and priority <= heap[0][0]:
                 continue
-            window = tuple(int(v) for v in windows[i].tolist()) if windows is not None else None
+            window: tuple[int, int, int, int] | None = None
+            if windows is not None:  # (top, bottom, left, right) per sample
+                top, bottom, left, right = (int(v) for v in windows[i].tolist())
+                window = (top, bottom, left, right)
             image = batch["image"][i]
             if window is not None:  # the part of the input the map covers (no keep_aspect padding)
                 image = image[:, window[0] : window[1], window[2] : window[3]]

@@ -137,9 +137,9 @@ class CurveRecorder(L.Callback):
         self._reset()
         if gathered is None or not gathered[2]:
             return
-        classes, indices, scores, labels, maps, masks = gathered
+        classes, indices, score_parts, label_parts, maps, masks = gathered
         names, index = np.asarray(classes), np.concatenate(indices)
-        scores, labels = np.concatenate(scores), np.concatenate(labels)
+        scores, labels = np.concatenate(score_parts), np.concatenate(label_parts)
         pixel = bool(maps) and sum(m.shape[0] for m in maps) == names.size
         maps_all = np.concatenate(maps) if pixel else None
         masks_all = np.concatenate(masks) if pixel else None
@@ -147,7 +147,7 @@ class CurveRecorder(L.Callback):
             # First occurrence of each test-set index, in test-set order (as the metric accumulator does).
             _, keep = np.unique(index, return_index=True)
             names, scores, labels = names[keep], scores[keep], labels[keep]
-            if pixel:
+            if maps_all is not None and masks_all is not None:  # both set iff pixel
                 maps_all, masks_all = maps_all[keep], masks_all[keep]
         self.points = class_curve_points(names, scores, labels, maps_all, masks_all, self.fpr_limit, self.max_points)
 

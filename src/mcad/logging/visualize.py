@@ -100,7 +100,9 @@ class AnomalyMapVisualizer(L.Callback):
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        rows = [["file", "class", "path", "label", "defect_type", "score", "threshold", "height", "width"]]
+        rows: list[list[object]] = [
+            ["file", "class", "path", "label", "defect_type", "score", "threshold", "height", "width"]
+        ]
         for cls in self.collector.classes():
             low, high = self.collector.value_range(cls)
             threshold = self.threshold if self.threshold is not None else self.collector.normal_threshold(cls)

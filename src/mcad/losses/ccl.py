@@ -423,8 +423,9 @@ class CCLLoss(nn.Module):
                         f"(valid indices 0..{len(dense) - 1})."
                     )
                 levels = [[maps[i] for i in self.dense_levels] for maps in levels]
+            teacher, teacher_aug, proj, proj_aug = levels
             out["dense"] = self.lambda_dense * dense_class_contrastive_loss(
-                *levels, labels, tau=self.tau_dense, chunk_size=self.chunk_size
+                teacher, teacher_aug, proj, proj_aug, labels, tau=self.tau_dense, chunk_size=self.chunk_size
             )
         if self.use_global:
             if self.global_cl == "ccl_head":

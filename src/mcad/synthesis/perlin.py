@@ -1,7 +1,7 @@
 """Perlin-noise anomaly synthesizer (DRAEM-style, as used by CRR).
 
 Paraphrase of CRR's `dataset.py::RealIADDataset.transform_image / perlin_synthetic` and `perlin.py`
-(Qiqigeww/CRR-MUAD @ cbd2a12), spec `methods.md` section 5.3 and errata E-CRR4:
+(Qiqigeww/CRR-MUAD @ cbd2a12); erratum E-CRR4 in docs/codes.md:
 
 1. Perlin noise with `2^a x 2^b` lattice cells, a, b ~ U{0..5} drawn once per sample, rotated by
    U(-90, 90) degrees (bilinear, zero fill - imgaug `Affine` defaults), thresholded at 0.5.

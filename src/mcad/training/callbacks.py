@@ -206,7 +206,11 @@ class GlobalRNGState(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """Global RNG states as tensors and plain values (loadable with ``weights_only=True``)."""
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        # legacy=True is NumPy's default, spelled out: the stubs type a bare call as the dict form.
+        legacy = np.random.get_state(legacy=True)
+        if not isinstance(legacy, tuple):  # the dict form: the global generator is not MT19937
+            raise TypeError("NumPy's global random generator has no legacy (MT19937) state to save")
+        kind, keys, pos, has_gauss, gauss = legacy
         state = {
             "torch": torch.get_rng_state(),
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],

@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from mcad.data.datamodule import MultiClassDataModule
+from mcad.methods.base import Phase
 from mcad.utils.checkpoints import load_checkpoint
 
 __all__ = ["FitResult", "Phase", "ResumePoint", "fit", "resolve_checkpoint", "training_phases"]
@@ -32,21 +33,6 @@ log = logging.getLogger(__name__)
 
 #: ``callbacks(phase_name_or_None) -> list`` of fresh callbacks for one Trainer.
 CallbackFactory = Callable[[str | None], list[L.Callback]]
-
-
-@dataclass(frozen=True)
-class Phase:
-    """One training phase of a multi-phase method.
-
-    Attributes:
-        name: Folder name of its checkpoints and the tag they record.
-        trainer: Trainer arguments of the phase (``max_steps`` ...).
-        data: Data-module settings for the phase's duration (``batch_size``).
-    """
-
-    name: str
-    trainer: dict[str, Any] = field(default_factory=dict)
-    data: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -71,7 +57,7 @@ def training_phases(method: L.LightningModule) -> list[Phase]:
     phases = getattr(method, "training_phases", None)
     if not callable(phases):
         return []
-    return [p if isinstance(p, Phase) else Phase(**p) for p in phases()]
+    return list(phases())
 
 
 def resolve_checkpoint(ckpt: str | None, output_dir: str | Path, phases: Sequence[Phase] = ()) -> ResumePoint | None:
@@ -122,6 +108,9 @@ def fit(
         trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
         return FitResult(trainer, run_callbacks)
     names = [phase.name for phase in phases]
+    start_phase = getattr(method, "start_phase", None)  # what a method with training_phases() also defines
+    if not callable(start_phase):
+        raise TypeError(f"{type(method).__name__} has training phases but no start_phase(name) method.")
     start = 0
     if resume is not None:
         if resume.phase not in names:
@@ -131,7 +120,7 @@ def fit(
     result: FitResult | None = None
     for phase in phases[start:]:
         with datamodule.phase_settings(**phase.data):
-            method.start_phase(phase.name)  # type: ignore[attr-defined]
+            start_phase(phase.name)
             phase_callbacks = callbacks(phase.name)
             trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=phase_callbacks, **phase.trainer)
             log.info("Training phase '%s' (%s).", phase.name, ", ".join(f"{k}={v}" for k, v in phase.trainer.items()))

@@ -19,7 +19,7 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[Any]], None], binary: bool = False) -> None:
+def atomic_write(path: str | Path, write: Callable[[IO[Any]], object], binary: bool = False) -> None:
     """Writes ``path`` through a temporary file in the same folder, then renames it into place.
 
     A kill during writing leaves either the old file or no file, never a truncated one. The file gets

@@ -59,7 +59,10 @@ def _normal_image(class_name: str, size: int, rng: np.random.Generator) -> np.nd
         cv2.circle(img, (int(cx), int(cy)), int(radius * 0.4), (150.0, 120.0, 40.0), -1, lineType=cv2.LINE_AA)
     elif class_name == "nut":
         angle = rng.uniform(0, 60)
-        pts = cv2.ellipse2Poly((int(cx), int(cy)), (int(size * 0.32), int(size * 0.32)), int(angle), 0, 360, 60)
+        # ellipse2Poly returns an (N, 2) int array; OpenCV's stubs type it as nested sequences.
+        pts = np.asarray(
+            cv2.ellipse2Poly((int(cx), int(cy)), (int(size * 0.32), int(size * 0.32)), int(angle), 0, 360, 60)
+        )
         cv2.fillPoly(img, [pts], (170.0, 175.0, 185.0), lineType=cv2.LINE_AA)
         cv2.circle(img, (int(cx), int(cy)), int(size * 0.13), (40.0, 40.0, 45.0), -1, lineType=cv2.LINE_AA)
     else:
@@ -95,7 +98,7 @@ def _defect(img: np.ndarray, class_name: str, rng: np.random.Generator) -> tuple
 
 def _write(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = np.clip(array + 0.5, 0, 255).astype(np.uint8)
+    data: np.ndarray = np.clip(array + 0.5, 0, 255).astype(np.uint8)
     if data.ndim == 3:
         data = cv2.cvtColor(data, cv2.COLOR_RGB2BGR)
     if not cv2.imwrite(str(path), data):

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from mcad.losses.cosine import cosine_distance_map
 from mcad.methods.ccl_rd.components import MultiProjectionLayer, feature_noise_
 from mcad.methods.rd.model import RDOutput, ReverseDistillation
+from mcad.models.backbones import backbone_levels
 from mcad.models.blocks.batchnorm import running_stats_frozen
 
 __all__ = ["CCLForward", "CCLReverseDistillation"]
@@ -87,7 +88,9 @@ class CCLReverseDistillation(nn.Module):
         # The projection keeps the teacher widths, so RD's OCBE and decoder are built unchanged.
         self.rd = ReverseDistillation(backbone, ocbe, decoder)
         self.proj = MultiProjectionLayer(
-            list(backbone.channels), separable=separable_projection, width_multiplier=proj_width_multiplier
+            backbone_levels(backbone, "channels"),
+            separable=separable_projection,
+            width_multiplier=proj_width_multiplier,
         )
         self.noise_prob = noise_prob
         self.noise_mask_prob = noise_mask_prob

@@ -54,6 +54,8 @@ class CCLRDModule(AnomalyModule):
         on_nonfinite: ``raise`` or ``skip`` batches with a NaN/Inf loss.
     """
 
+    loss_fn: Callable[..., Tensor]  # never None here: the base builds default_loss when loss is a plug-in
+
     def __init__(
         self,
         backbone: nn.Module,

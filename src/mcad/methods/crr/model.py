@@ -1,7 +1,7 @@
 """CRR reconstruction network as a plain `nn.Module` (no Lightning, no config).
 
 Paraphrase of `ViTill` in CRR's `models/uad.py` with the stage-I/II scripts' construction
-(Qiqigeww/CRR-MUAD @ cbd2a12; parent guojiajeremy/Dinomaly), spec `methods.md` section 5.2:
+(Qiqigeww/CRR-MUAD @ cbd2a12; parent guojiajeremy/Dinomaly; docs/methods.md, the method README):
 
     frozen encoder -> L feature levels (DINOv2 ViT-B/14 reg4: outputs of blocks 2..9)
     bottleneck input = mean of the L levels' tokens
@@ -45,6 +45,7 @@ from torch import nn
 
 from mcad.methods.crr.components.bottleneck import NoisyBottleneck
 from mcad.methods.crr.components.linear_attention import LinearAttentionBlock
+from mcad.methods.crr.components.resample import resample_to_grid
 
 __all__ = ["CRRModel", "CRROutput", "l2_normalize", "split_contiguous"]
 
@@ -267,7 +268,7 @@ class CRRModel(nn.Module):
             if (0 if pre is None else pre.shape[1]) != num_prefix:
                 raise ValueError("all levels must carry the same number of prefix tokens")
             if tuple(m.shape[-2:]) != grid:
-                m = F.interpolate(m, size=grid, mode="bilinear", align_corners=False, antialias=True)
+                m = resample_to_grid(m, grid)
             t = m.flatten(2).transpose(1, 2)  # (B, h*w, C_i)
             if pre is not None:
                 t = torch.cat([pre, t], dim=1)

@@ -1,8 +1,8 @@
 """Lightning glue of CRR: two training phases, losses, optimisers and anomaly maps.
 
-Phase ``stage1`` (reconstruction + repair, spec §5.4; official ``dinomaly_realiad_uni_first.py``):
+Phase ``stage1`` (reconstruction + repair, ``docs/methods.md``; official ``dinomaly_realiad_uni_first.py``):
 bottleneck and decoder learn to reconstruct the clean image's encoder features from the clean image
-*and* from its synthetic twin (the repair term). Phase ``stage2`` (segmentation, spec §5.5; official
+*and* from its synthetic twin (the repair term). Phase ``stage2`` (segmentation; official
 ``dinomaly_realiad_uni_second.py``): the reconstruction network is frozen (eval mode, no gradients) and
 the segmentation head learns the synthetic mask from the normalised encoder ⊙ decoder features of the
 synthetic image. ``mcad.train`` runs the phases one after the other (``training_phases`` /
@@ -30,7 +30,7 @@ from mcad.data.requests import DataRequest
 from mcad.evaluation.protocol import AnomalyMaps
 from mcad.losses.focal import focal_loss
 from mcad.losses.hard_mining import global_cosine_hard_mining, hard_mining_p
-from mcad.methods.base import AnomalyModule
+from mcad.methods.base import AnomalyModule, Phase
 from mcad.methods.crr.model import CRRModel, CRROutput
 from mcad.methods.plugins.base import Batch, ContrastiveFeatures
 
@@ -84,6 +84,9 @@ class CRRModule(AnomalyModule):
         on_nonfinite: ``raise`` or ``skip`` batches with a NaN/Inf loss.
     """
 
+    loss_fn: Callable[..., Tensor]  # never None here: the base builds default_loss when loss is a plug-in
+    seg_head_active: Tensor  # the buffer registered in __init__
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -130,14 +133,14 @@ class CRRModule(AnomalyModule):
         self.start_phase(STAGE1)
 
     # ---------------------------------------------------------------------------- phases
-    def training_phases(self) -> list[dict[str, Any]]:
-        """Stage I then stage II, each for a fixed number of iterations (see ``mcad.train``)."""
+    def training_phases(self) -> list[Phase]:
+        """Stage I then stage II, each for a fixed number of iterations (see ``mcad.training.phases``)."""
         phases = []
         if self.stage1_steps > 0:
-            phases.append({"name": STAGE1, "trainer": {"max_steps": self.stage1_steps, "max_epochs": -1}})
+            phases.append(Phase(STAGE1, trainer={"max_steps": self.stage1_steps, "max_epochs": -1}))
         if self.stage2_steps > 0:
             data = {"batch_size": self.stage2_batch_size} if self.stage2_batch_size else {}
-            phases.append({"name": STAGE2, "trainer": {"max_steps": self.stage2_steps, "max_epochs": -1}, "data": data})
+            phases.append(Phase(STAGE2, trainer={"max_steps": self.stage2_steps, "max_epochs": -1}, data=data))
         return phases
 
     def start_phase(self, name: str) -> None:
@@ -248,6 +251,8 @@ class CRRModule(AnomalyModule):
         """The current phase's optimiser (and per-iteration schedule): stage I StableAdamW, stage II Adam."""
         total = int(self.trainer.estimated_stepping_batches)
         if self.phase == STAGE2:
+            if self.seg_head is None:
+                raise RuntimeError("CRR stage II needs a segmentation head, but method.seg_head is null.")
             optimizer = self.seg_optimizer_factory(self.seg_head.parameters())
             scheduler = self.seg_scheduler_factory(optimizer, total_steps=total) if self.seg_scheduler_factory else None
         else:
@@ -263,6 +268,8 @@ class CRRModule(AnomalyModule):
     # ---------------------------------------------------------------------------- inference and hooks
     def segmentation_logits(self, images: Tensor) -> Tensor:
         """Seg-head logits ``(B, 2, H, W)`` of a batch; the reconstruction network runs without gradients."""
+        if self.seg_head is None:
+            raise RuntimeError("CRR segmentation logits need a segmentation head, but method.seg_head is null.")
         with torch.no_grad():
             out = self.model(images)
             seg_input = CRRModel.seg_input(out.encoder, out.decoder)

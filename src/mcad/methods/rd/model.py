@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from mcad.losses.cosine import cosine_distance_map
+from mcad.models.backbones import backbone_levels
 
 __all__ = ["RDOutput", "ReverseDistillation"]
 
@@ -45,7 +46,7 @@ class ReverseDistillation(nn.Module):
     def __init__(self, backbone: nn.Module, ocbe: Callable[..., nn.Module], decoder: Callable[..., nn.Module]) -> None:
         super().__init__()
         self.teacher = backbone
-        channels = list(backbone.channels)
+        channels = backbone_levels(backbone, "channels")
         self.ocbe = ocbe(channels=channels)
         self.decoder = decoder(in_channels=self.ocbe.out_channels, channels=channels)
 

@@ -33,6 +33,8 @@ class RDModule(AnomalyModule):
         on_nonfinite: ``raise`` or ``skip`` batches with a NaN/Inf loss.
     """
 
+    loss_fn: Callable[..., Tensor]  # never None here: the base builds default_loss when loss is a plug-in
+
     def __init__(
         self,
         backbone: nn.Module,

@@ -3,22 +3,29 @@
 This module holds everything method-specific that does not need Lightning: feature extraction
 (frozen backbone, optional 3x3 average pooling), the jittered-input / clean-target training pass with
 RLR's per-level loss, the anomaly map, hooks for contrastive plug-ins, and one optimisation step in
-the three schedules discussed in ``specs/methods.md`` A-RLR3 / E-RLR1 (see
-:func:`rlr_optimization_step`).
+the three schedules of codes A-RLR3 / E-RLR1 (``docs/codes.md``; see :func:`rlr_optimization_step`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mcad.losses.reconstruction import mse_cosine_loss, mse_cosine_score
-from mcad.methods.rlr.components.decoder import RLRDecoder
+from mcad.methods.rlr.components.decoder import RLRDecoder, RLRLevelModel
+from mcad.models.backbones import backbone_levels
 from mcad.synthesis.feature_jitter import FeatureJitter
+
+if TYPE_CHECKING:  # annotations only: this module does not need Lightning
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    # A torch optimiser, or Lightning's wrapper of one (what ``LightningModule.optimizers()`` returns).
+    StepOptimizer = torch.optim.Optimizer | LightningOptimizer
 
 FeatureTransform = Callable[[list[Tensor]], list[Tensor]]
 LevelLoss = Callable[[Tensor, Tensor], Tensor]
@@ -99,7 +106,8 @@ class RLRModel(nn.Module):
             The model.
 
         """
-        decoder = RLRDecoder.for_backbone(backbone.channels, backbone.strides, image_size, **decoder_kwargs)
+        channels, strides = backbone_levels(backbone, "channels"), backbone_levels(backbone, "strides")
+        decoder = RLRDecoder.for_backbone(channels, strides, image_size, **decoder_kwargs)
         jitter = FeatureJitter(jitter_scale, jitter_prob) if jitter_scale > 0 else None
         return cls(backbone, decoder, jitter=jitter)
 
@@ -140,6 +148,7 @@ class RLRModel(nn.Module):
         """
         maps = []
         for level, f in zip(self.decoder.levels, features):
+            assert isinstance(level, RLRLevelModel)  # the decoder holds only RLRLevelModel levels
             b, _, h, w = f.shape
             tokens = level.embedding.proj(f.flatten(2).transpose(1, 2))
             maps.append(tokens.transpose(1, 2).reshape(b, -1, h, w))
@@ -205,7 +214,7 @@ SCHEDULES = ("per_level", "summed", "shared_adam_legacy")
 def rlr_optimization_step(
     model: RLRModel,
     images: Tensor,
-    optimizers: torch.optim.Optimizer | list[torch.optim.Optimizer] | tuple[torch.optim.Optimizer, ...],
+    optimizers: StepOptimizer | list[StepOptimizer] | tuple[StepOptimizer, ...],
     schedule: str = "per_level",
     backward: Callable[[Tensor], None] | None = None,
     should_step: Callable[[Tensor], bool] | None = None,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy
@@ -19,6 +19,10 @@ from mcad.methods.base import AnomalyModule
 from mcad.methods.plugins.base import Batch, ContrastiveFeatures
 from mcad.methods.rlr.components.decoder import RLRDecoder, out_index_from_stride
 from mcad.methods.rlr.model import SCHEDULES, MSECosineLoss, RLRModel, rlr_optimization_step
+from mcad.models.backbones import backbone_levels
+
+if TYPE_CHECKING:
+    from mcad.methods.rlr.model import StepOptimizer
 
 
 def build_decoder(
@@ -102,7 +106,8 @@ class RLRModule(AnomalyModule):
             # A plug-in's terms couple the levels through the global embedding: no per-level split.
             raise ValueError(f"A loss plug-in needs method.optimization=summed, not '{optimization}'.")
         self.input_size = int(crop_size or image_size)
-        built = build_decoder(decoder, list(backbone.channels), list(backbone.strides), self.input_size)
+        channels, strides = backbone_levels(backbone, "channels"), backbone_levels(backbone, "strides")
+        built = build_decoder(decoder, channels, strides, self.input_size)
         self.model = RLRModel(backbone, built, jitter=synthesizer, loss_fn=self.loss_fn)
         self.optimization = optimization
         self.optimizer_factory = optimizer
@@ -143,8 +148,10 @@ class RLRModule(AnomalyModule):
         """Automatic optimisation: the base class's step; manual: RLR's level-by-level steps."""
         if self.automatic_optimization:
             return super().training_step(batch, batch_idx)
-        optimizers = self.optimizers()
-        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        lightning_optimizers = self.optimizers()
+        optimizers: list[StepOptimizer] = (
+            list(lightning_optimizers) if isinstance(lightning_optimizers, list) else [lightning_optimizers]
+        )
 
         def should_step(loss: Tensor) -> bool:
             return self.check_losses({"loss": loss}, batch)
@@ -159,6 +166,8 @@ class RLRModule(AnomalyModule):
         )
         schedulers = self.lr_schedulers()
         for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                raise TypeError("method.scheduler: ReduceLROnPlateau needs a metric; RLR steps every iteration.")
             scheduler.step()
         self.log_losses({"loss": sum(losses[1:], losses[0]), **self._named(losses)}, batch_size=len(batch["image"]))
         return None

@@ -26,5 +26,5 @@ def running_stats_frozen(module: nn.Module) -> Iterator[None]:
     finally:
         for m, (momentum, tracked) in zip(layers, saved, strict=True):
             m.momentum = momentum
-            if tracked is not None:
+            if tracked is not None and m.num_batches_tracked is not None:  # saved only from a tracking layer
                 m.num_batches_tracked.copy_(tracked)

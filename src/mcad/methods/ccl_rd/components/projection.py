@@ -1,6 +1,6 @@
 """RD++-style projection layers used by CCL (class-aware contrastive learning).
 
-CCL (docs/methods/ccl.md) inserts one trainable projection block per teacher level between the frozen
+CCL (docs/methods.md) inserts one trainable projection block per teacher level between the frozen
 teacher and the OCBE ("MFF_OCE"); the dense contrastive loss and the feature noise act on these projected
 maps. The block is taken from RD++: a channel bottleneck C → C/2 → C/4 → C/2 → C of 3×3 convolutions (with
 bias), each followed by ``InstanceNorm2d`` (no affine parameters, no running statistics) and ``LeakyReLU``

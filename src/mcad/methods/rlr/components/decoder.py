@@ -1,9 +1,9 @@
 """RLR reconstruction network: one transformer per feature level reading a learnable reference.
 
 RLR (ECCV 2024, official code ``hlr7999/RLR``) reconstructs frozen backbone features from a
-*learnable reference* instead of from the (possibly anomalous) input itself; see
-``specs/methods.md`` §4.2. Per level with ``C`` input channels on an ``h x w`` grid (``L = h * w``
-tokens) and hidden width ``d``:
+*learnable reference* instead of from the (possibly anomalous) input itself; see ``docs/methods.md``,
+the "Architecture" section of ``src/mcad/methods/rlr/README.md`` and the official ``models/model.py``.
+Per level with ``C`` input channels on an ``h x w`` grid (``L = h * w`` tokens) and hidden width ``d``:
 
 * input tokens ``(B, L, C)`` -> 1x1 linear embedding ``C -> d`` + fixed 2-D sinusoidal positions;
 * reference ``R`` in ``R^{1 x L x C}`` (one token per position, *input-feature* space, ``N(0, 1)``
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Literal, overload
 
 import torch
 from timm.layers import Mlp
@@ -32,8 +33,9 @@ from mcad.methods.rlr.components.attention import (
 )
 from mcad.methods.rlr.components.positional import PositionalEncoding2D
 
-#: Window side of LCA/MLKA per square grid side, as hard-coded in RLR ``models/model.py``.
-DEFAULT_WINDOW_SIZES: dict[int, int] = {16: 5, 32: 7, 64: 11}
+#: Window side of LCA/MLKA per square grid side, as hard-coded in RLR ``models/model.py``. Typed like a
+#: ``window_size_map``, whose keys may also be ``(h, w)`` grids.
+DEFAULT_WINDOW_SIZES: dict[int | tuple[int, int], int] = {16: 5, 32: 7, 64: 11}
 
 
 def rlr_hidden_dim(out_index: int, base: int = 128) -> int:
@@ -425,6 +427,17 @@ class RLRDecoder(nn.Module):
             hiddens.append(hidden)
         return recons, hiddens
 
+    @overload
+    def forward_level(self, index: int, feature: Tensor, return_hidden: Literal[False] = False) -> Tensor: ...
+
+    @overload
+    def forward_level(self, index: int, feature: Tensor, return_hidden: Literal[True]) -> tuple[Tensor, Tensor]: ...
+
+    @overload
+    def forward_level(
+        self, index: int, feature: Tensor, return_hidden: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]: ...
+
     def forward_level(self, index: int, feature: Tensor, return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Reconstructs one level (the levels are independent models).
 
@@ -438,6 +451,7 @@ class RLRDecoder(nn.Module):
 
         """
         level = self.levels[index]
+        assert isinstance(level, RLRLevelModel)  # the only kind of module in self.levels
         if tuple(feature.shape[-2:]) != level.grid_size:
             raise ValueError(f"Level {index} expects a {level.grid_size} map, got {tuple(feature.shape[-2:])}.")
         out, hidden = level(_maps_to_tokens(feature), return_hidden=True)

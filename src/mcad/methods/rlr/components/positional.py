@@ -1,11 +1,11 @@
 """Fixed 2-D sinusoidal positional encodings for token grids.
 
-The layout follows RLR's ``models/embedding.py::PositionalEmbedding`` (paraphrased, see
-``specs/methods.md`` §4.2): the first ``d/2`` channels encode the column (x) coordinate and the last
-``d/2`` channels the row (y) coordinate; inside each half, channel ``2i`` is ``sin(pos * w_i)`` and
-channel ``2i + 1`` is ``cos(pos * w_i)`` with ``w_i = base ** (-2i / (d/2))``. Tokens are ordered
-row-major (token ``r * w + c`` is row ``r``, column ``c``), which is the order produced by
-``features.permute(0, 2, 3, 1).reshape(B, h * w, C)``.
+The layout follows the official RLR ``models/embedding.py::PositionalEmbedding`` (re-implemented, see the
+"Architecture" section of ``src/mcad/methods/rlr/README.md``): the first ``d/2`` channels encode the
+column (x) coordinate and the last ``d/2`` channels the row (y) coordinate; inside each half, channel
+``2i`` is ``sin(pos * w_i)`` and channel ``2i + 1`` is ``cos(pos * w_i)`` with
+``w_i = base ** (-2i / (d/2))``. Tokens are ordered row-major (token ``r * w + c`` is row ``r``,
+column ``c``), which is the order produced by ``features.permute(0, 2, 3, 1).reshape(B, h * w, C)``.
 """
 
 from __future__ import annotations
@@ -70,6 +70,8 @@ class PositionalEncoding2D(nn.Module):
         base: Frequency base.
 
     """
+
+    encoding: Tensor  # the buffer registered in __init__ (nn.Module types unknown attributes Tensor | Module)
 
     def __init__(self, dim: int, grid_size: tuple[int, int], base: float = 1e4) -> None:
         super().__init__()
