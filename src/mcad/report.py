@@ -1,22 +1,9 @@
 """``mcad-report PATH...``: the paper-style table of a sweep (or of several run directories).
 
-Every run of ``mcad.train`` writes ``results.json`` into its run directory; a job of a multirun that raised
-writes ``failed.json`` there instead (see :func:`record_failure`). This module collects the runs under the
-given paths, groups them into rows (the swept values other than the seed and the dataset; by default the
-method) and columns (dataset × metric), and writes
-
-* ``report.md`` / ``report.csv``: mean ± std over seeds per row and dataset;
-* ``report_per_class.md`` / ``report_per_class.csv``: the same per class;
-
-plus, with ``--wandb``, both tables as W&B tables, and with ``--html`` one self-contained ``report.html``
-(both tables, each run's ROC / PRO curves and map overlays; see :mod:`mcad.reporting.html`). Runs
-that failed, and jobs of a sweep that left no result (killed, still running, never started), are counted and
-marked in the tables (``FAILED`` / ``MISSING`` when no run of a cell succeeded, ``(k/n)`` when only k of n
-did) and listed under the table with their error.
-
-Statistics: values are fractions in the files' CSV and percent with one decimal in Markdown (as papers
-print them); ``std`` is the sample standard deviation (n - 1) over the successful runs of a cell, empty for
-a single run.
+Collects the runs under the given paths and writes ``report.md`` / ``report.csv`` (mean ± std over seeds per
+row and dataset) and ``report_per_class.md`` / ``.csv``; ``--wandb`` uploads both tables, ``--html`` writes one
+self-contained ``report.html``. Collection, aggregation and the file formats are :mod:`mcad.reporting.tables`;
+the page is :mod:`mcad.reporting.html`. This module is only the command line.
 """
 
 from __future__ import annotations

@@ -10,67 +10,19 @@ imported with ``mcad.methods.ccl_rd.official.convert_official_checkpoint``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from parity_helpers import FIXTURES, check_maps, close, n_params, parity_script
 
 from mcad.methods.ccl_rd.official import convert_official_checkpoint
 from mcad.utils.seeded import seeded_images, seeded_init_
 
-REPO = Path(__file__).resolve().parents[2]
-FIXTURES = REPO / "tests" / "fixtures" / "parity"
 # The fixture tests build a WRN50-2 model, run one training step and a checkpoint import: about 20 s of CPU
 # per fixture on two cores (30-40 s wall on a loaded machine).
 slow = pytest.mark.slow
-TOL = 1e-5  # float32 forward outputs, losses and maps
-
-
-def parity_common() -> Any:
-    """``experiments/parity/common.py`` (our build and inference path, no official code), loaded by path."""
-    name = "mcad_parity_common"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / "parity" / "common.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-def close(what: str, ours: Any, official: Any, tol: float = TOL) -> None:
-    a = torch.as_tensor(ours, dtype=torch.float64)
-    b = torch.as_tensor(official, dtype=torch.float64)
-    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs the official {tuple(b.shape)}"
-    diff = float((a - b).abs().max())
-    head = f"ours {a.flatten()[:3].tolist()}, official {b.flatten()[:3].tolist()}"
-    assert diff <= tol, f"{what}: max |ours - official| = {diff:.3e} > {tol:.0e} ({head})"
-
-
-def check_maps(what: str, maps: torch.Tensor, scores: torch.Tensor, expected: dict[str, Any]) -> None:
-    """Map statistics, 16x16 pooled maps and image scores against the fixture; every excess is listed."""
-    common = parity_common()
-    diffs: dict[str, float] = {}
-    for i, m in enumerate(maps):
-        stats = common.map_stats(m)
-        for key in ("mean", "std", "min", "max"):
-            diffs[f"map {key}"] = max(diffs.get(f"map {key}", 0.0), abs(stats[key] - expected["stats"][i][key]))
-        pooled = torch.tensor(common.pooled_map(m), dtype=torch.float64)
-        diff = float((pooled - torch.tensor(expected["pooled"][i], dtype=torch.float64)).abs().max())
-        diffs["16x16 pooled map"] = max(diffs.get("16x16 pooled map", 0.0), diff)
-    diffs["image scores"] = float((scores.double() - torch.tensor(expected["scores"], dtype=torch.float64)).abs().max())
-    bad = {k: v for k, v in diffs.items() if not v <= TOL}
-    listed = ", ".join(f"{k} {v:.2e}" for k, v in bad.items())
-    assert not bad, (
-        f"{what}: max |ours - official| above {TOL:.0e}: {listed} (official map range {_range(expected):.3g})"
-    )
-
-
-def _range(expected: dict[str, Any]) -> float:
-    return max(s["max"] - s["min"] for s in expected["stats"])
 
 
 def plugin(method: Any) -> Any:
@@ -89,15 +41,11 @@ def training_terms(method: Any, batch: dict[str, torch.Tensor]) -> dict[str, tor
     return {"cos": losses["cos"], "dense": extra["ccl_dense"], "global": extra["ccl_global"], "total": total}
 
 
-def n_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 @pytest.fixture(scope="module", params=["ccl_v1", "ccl_head"])
 def rebuilt(request: pytest.FixtureRequest) -> dict[str, Any]:
     """Our side of one fixture, computed once."""
     fx = json.loads((FIXTURES / f"{request.param}.json").read_text())
-    common = parity_common()
+    common = parity_script("common")
     label = f"CCL-on-RD ({fx['variant']}: {fx['official']['repo']}@{fx['official']['commit']})"
     method = common.build_method(fx["overrides"])
     seeded_init_(method.model, fx["seed"])

@@ -11,18 +11,15 @@ official-format ``model.pth`` + ``Seg_model_7999.pth`` (rebuilt from the manifes
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from parity_helpers import FIXTURES, close, parity_script
 
-REPO = Path(__file__).resolve().parents[2]
-FIXTURE = REPO / "tests" / "fixtures" / "parity" / "crr.json"
-TOL = 1e-5  # float32 forward outputs, losses and maps
+FIXTURE = FIXTURES / "crr.json"
 GRAD_NORM_RTOL = 1e-5
 # Stage-II gradients go through train-mode BatchNorm on 2 images: a 1e-8 difference of the seg-net input
 # changes them by ~1e-3 relative (experiments/parity/crr.py shows it), so their norm is checked loosely.
@@ -30,27 +27,6 @@ SEG_GRAD_NORM_RTOL = 1e-2
 
 # ViT-B and the 70 M-parameter seg head at 256² on CPU: ~21 s on an idle 2-core machine (35 s of CPU).
 pytestmark = pytest.mark.slow
-
-
-def parity_script(name: str) -> Any:
-    """``experiments/parity/<name>.py`` (our side only is used; it imports no official code), loaded by path."""
-    module_name = f"mcad_parity_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, REPO / "experiments" / "parity" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
-
-
-def close(what: str, ours: Any, official: Any, tol: float = TOL) -> None:
-    """Asserts ``max |ours - official| <= tol``; ``what`` names the method and the quantity."""
-    a = torch.as_tensor(ours, dtype=torch.float64)
-    b = torch.as_tensor(official, dtype=torch.float64)
-    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs the official {tuple(b.shape)}"
-    diff = float((a - b).abs().max())
-    head = f"ours {a.flatten()[:3].tolist()}, official {b.flatten()[:3].tolist()}"
-    assert diff <= tol, f"{what}: max |ours - official| = {diff:.3e} > {tol:.0e} ({head})"
 
 
 def check_maps(what: str, maps: torch.Tensor, scores: torch.Tensor, expected: dict[str, Any], common: Any) -> None:

@@ -2,8 +2,8 @@
 
 The fixture was written by ``experiments/parity/dinomaly.py --write-fixture`` from guojiajeremy/Dinomaly c5c76d0
 with weights copied from ours. Only our side is rebuilt here (the script's own construction, no official code):
-parameter counts, the test map through the official evaluation's resize (input size, then 256; our protocol
-resizes once, which the script reports as a known difference) with our smoothing and top-1 % score, the training
+parameter counts, the test map through our ``protocol=dinomaly_gt0`` (the official evaluation's two-step
+resize: input size, then 256) with our smoothing and top-1 % score, the training
 loss and gradient norm in training mode with the same dropout draws at hard-mining p = 0, 0.45, 0.9, and an
 official-format ``model.pth`` (rebuilt from its manifest) imported with
 ``mcad.methods.crr.official.convert_official_checkpoint``.
@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from parity_helpers import FIXTURES, close, parity_script
+from test_crr_fixture import check_maps
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from test_crr_fixture import check_maps, close, parity_script  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[2]
-FIXTURE = REPO / "tests" / "fixtures" / "parity" / "dinomaly.json"
+FIXTURE = FIXTURES / "dinomaly.json"
 GRAD_NORM_RTOL = 1e-5
 
 

@@ -11,16 +11,17 @@ official-format model file (rebuilt from its manifest) imported with ``mcad.meth
 from __future__ import annotations
 
 import copy
-import importlib.util
 import io
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from parity_helpers import FIXTURES, TOL
+from parity_helpers import close as shared_close
+from parity_helpers import parity_script as load_parity_script
 
 from mcad.methods.rlr.official import (
     convert_official_checkpoint,
@@ -30,9 +31,7 @@ from mcad.methods.rlr.official import (
 from mcad.metrics import auroc
 from mcad.utils.seeded import seeded_images
 
-REPO = Path(__file__).resolve().parents[2]
-FIXTURE = REPO / "tests" / "fixtures" / "parity" / "rlr.json"
-TOL = 1e-5  # float32 forward outputs, losses and maps
+FIXTURE = FIXTURES / "rlr.json"
 LABEL = "RLR (hlr7999/RLR@06e597b)"
 # One EfficientNet-B6 + 21.5 M-parameter decoder build, two evaluations of 4 images at 256 px and two training
 # steps: 50-90 s of CPU time (measured on a busy 2-core machine), shared by the tests marked slow.
@@ -41,22 +40,11 @@ SLOW = pytest.mark.slow
 
 def parity_script() -> Any:
     """``experiments/parity/rlr.py`` (our side's helpers; it imports no official code at module level)."""
-    name = "mcad_parity_rlr"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / "parity" / "rlr.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_parity_script("rlr")
 
 
 def close(what: str, ours: Any, official: Any, tol: float = TOL) -> None:
-    a = torch.as_tensor(ours, dtype=torch.float64)
-    b = torch.as_tensor(official, dtype=torch.float64)
-    assert a.shape == b.shape, f"{LABEL}: {what}: shape {tuple(a.shape)} vs the official {tuple(b.shape)}"
-    diff = float((a - b).abs().max())
-    head = f"ours {a.flatten()[:3].tolist()}, official {b.flatten()[:3].tolist()}"
-    assert diff <= tol, f"{LABEL}: {what}: max |ours - official| = {diff:.3e} > {tol:.0e} ({head})"
+    shared_close(f"{LABEL}: {what}", ours, official, tol)
 
 
 def check_maps(what: str, maps: torch.Tensor, scores: torch.Tensor, expected: dict[str, Any]) -> None:

@@ -1,5 +1,5 @@
 """mcad-predict (the console entry point, in a subprocess) on the real bottle test images with a checkpoint
-trained on the real-data proxy (tiny budget: one epoch on 16 images per class at 128 px)."""
+trained on the real-data proxy (tiny budget: four epochs of 16 images per class at 128 px, 8 steps)."""
 
 import csv
 import json
@@ -14,7 +14,7 @@ from workflow_helpers import REPO, run_cli
 @pytest.mark.slow
 def test_predict_on_real_bottle_images(monkeypatch, tmp_path, cache_dir, real_data_root):
     run = tmp_path / "proxy"
-    run_cli(monkeypatch, ["experiment=proxy_rd", f"data.root={real_data_root}", "trainer.max_epochs=1",
+    run_cli(monkeypatch, ["experiment=proxy_rd", f"data.root={real_data_root}", "trainer.max_epochs=4",
                           "+data.max_train_per_class=16", "data.image_size=128", "data.num_workers=0", "test=false",
                           "trainer.enable_progress_bar=false", f"hydra.run.dir={run}",
                           f"paths.cache_dir={cache_dir}"])  # fmt: skip

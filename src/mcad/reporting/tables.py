@@ -9,7 +9,7 @@ method) and columns (dataset × metric), and writes
 * ``report_per_class.md`` / ``report_per_class.csv``: the same per class;
 
 plus, with ``--wandb``, both tables as W&B tables, and with ``--html`` one self-contained ``report.html``
-(both tables, each run's ROC / PRO curves and map overlays; see :mod:`mcad.logging.html_report`). Runs
+(both tables, each run's ROC / PRO curves and map overlays; see :mod:`mcad.reporting.html`). Runs
 that failed, and jobs of a sweep that left no result (killed, still running, never started), are counted and
 marked in the tables (``FAILED`` / ``MISSING`` when no run of a cell succeeded, ``(k/n)`` when only k of n
 did) and listed under the table with their error.
