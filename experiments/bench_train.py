@@ -67,6 +67,8 @@ def make_cfg(spec: str, args: argparse.Namespace, out: Path, cache: Path):
     else:
         overrides += ["data=folder", f"data.root={args.data_root}"]
     overrides += [f"loss={plugin}" for plugin in plugins] + common
+    if plugins:
+        overrides += list(args.plugin_overrides)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, f"hydra.run.dir={out}"], return_hydra_config=True)
@@ -206,6 +208,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["rd", "ccl_rd", "rlr", "crr"],
                         help="method names, or method+loss plug-in (crr+ccl): a plug-in's cost")  # fmt: skip
+    parser.add_argument("--plugin-overrides", nargs="*", default=[],
+                        help="overrides of the method+plugin entries only (loss.view_source=resized)")  # fmt: skip
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "real"),
                         help="an MVTec-layout folder, or 'synthetic' for the procedural dataset")  # fmt: skip
     parser.add_argument("--synthetic-train", type=int, default=40, help="training images per synthetic class")
