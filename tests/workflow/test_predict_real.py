@@ -1,5 +1,6 @@
 """mcad-predict (the console entry point, in a subprocess) on the real bottle test images with a checkpoint
-trained on the real-data proxy (tiny budget: four epochs of 16 images per class at 128 px, 8 steps)."""
+trained on the real-data proxy at 128 px (its 10 epochs, 150 steps: with 2 to 8 steps RD's student is still near
+its initialisation and the scores do not rank defects)."""
 
 import csv
 import json
@@ -14,9 +15,8 @@ from workflow_helpers import REPO, run_cli
 @pytest.mark.slow
 def test_predict_on_real_bottle_images(monkeypatch, tmp_path, cache_dir, real_data_root):
     run = tmp_path / "proxy"
-    run_cli(monkeypatch, ["experiment=proxy_rd", f"data.root={real_data_root}", "trainer.max_epochs=4",
-                          "+data.max_train_per_class=16", "data.image_size=128", "data.num_workers=0", "test=false",
-                          "trainer.enable_progress_bar=false", f"hydra.run.dir={run}",
+    run_cli(monkeypatch, ["experiment=proxy_rd", f"data.root={real_data_root}", "data.image_size=128",
+                          "data.num_workers=0", "test=false", "trainer.enable_progress_bar=false", f"hydra.run.dir={run}",
                           f"paths.cache_dir={cache_dir}"])  # fmt: skip
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.is_file() and (run / ".hydra" / "config.yaml").is_file()
@@ -46,10 +46,10 @@ def test_predict_on_real_bottle_images(monkeypatch, tmp_path, cache_dir, real_da
     assert len(good) == 20 and len(defective) == 63
     score = lambda group: float(np.mean([float(r["score"]) for r in group]))  # noqa: E731
     flagged = lambda group: float(np.mean([r["anomalous"] == "1" for r in group]))  # noqa: E731
-    # Measured with this one-epoch, 128-px model: 21 % of defective and 10 % of good images flagged.
+    # Measured with this 128-px model: 87 % of defective and 0 % of good images flagged, AUROC 0.993.
     assert score(defective) > score(good)
     assert flagged(defective) > flagged(good) and flagged(defective) > 0.1, (flagged(defective), flagged(good))
     from sklearn.metrics import roc_auc_score
 
     auroc = roc_auc_score([0] * len(good) + [1] * len(defective), [float(r["score"]) for r in good + defective])
-    assert auroc >= 0.7, auroc
+    assert auroc >= 0.9, auroc
