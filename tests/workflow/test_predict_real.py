@@ -16,8 +16,8 @@ from workflow_helpers import REPO, run_cli
 def test_predict_on_real_bottle_images(monkeypatch, tmp_path, cache_dir, real_data_root):
     run = tmp_path / "proxy"
     run_cli(monkeypatch, ["experiment=proxy_rd", f"data.root={real_data_root}", "data.image_size=128",
-                          "data.num_workers=0", "test=false", "trainer.enable_progress_bar=false", f"hydra.run.dir={run}",
-                          f"paths.cache_dir={cache_dir}"])  # fmt: skip
+                          "data.num_workers=0", "test=false", "trainer.enable_progress_bar=false",
+                          f"hydra.run.dir={run}", f"paths.cache_dir={cache_dir}"])  # fmt: skip
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.is_file() and (run / ".hydra" / "config.yaml").is_file()
 
