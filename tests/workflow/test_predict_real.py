@@ -46,7 +46,8 @@ def test_predict_on_real_bottle_images(monkeypatch, tmp_path, cache_dir, real_da
     assert len(good) == 20 and len(defective) == 63
     score = lambda group: float(np.mean([float(r["score"]) for r in group]))  # noqa: E731
     flagged = lambda group: float(np.mean([r["anomalous"] == "1" for r in group]))  # noqa: E731
-    # Measured with this 128-px model: 87 % of defective and 0 % of good images flagged, AUROC 0.993.
+    # Measured with this 128-px model on Lite0's strides 4/8/16 (the proxy's stages until 2026-12-02): 87 % of
+    # defective and 0 % of good images flagged, AUROC 0.993; it passes on the proxy's strides 8/16/32 too.
     assert score(defective) > score(good)
     assert flagged(defective) > flagged(good) and flagged(defective) > 0.1, (flagged(defective), flagged(good))
     from sklearn.metrics import roc_auc_score
