@@ -248,14 +248,14 @@ def test_ccl_rd_trains_and_separates_defects_on_synthetic_data(make_config, fast
 @pytest.mark.slow
 def test_ccl_rd_real_data_proxy(make_config, real_data_root, two_threads):
     # Issue 4's bar: I-AUROC >= 0.98 and P-AUROC >= 0.95 on each class. Measured with the proxy (Lite0 strides
-    # 8/16/32, 10 epochs, class-balanced), seeds 0 / 1 / 2 / 42: bottle 1.000 / 0.983 every seed; cookie image
-    # AUROC 0.935 / 0.935 / 0.913 / 0.938, pixel AUROC 0.964 / 0.966 / 0.960 / 0.926. The bar is not met on
-    # cookie: one good photo (test-normal-1, a tray rim at its lower edge) outscores 29 of the 32 defects (README).
-    # Cookie's floors guard the level reached, below the lowest seed (the previous proxy's last CI run gave
-    # 0.933 / 0.956 at seed 42, where this machine had measured 0.998 / 0.945).
+    # 4/8/16, RD's step decay, 10 epochs, class-balanced), seeds 0 / 1 / 2: bottle 1.000 / >= 0.981; cookie
+    # image AUROC 0.993 / 0.962 / 0.980, pixel AUROC 0.955 / 0.945 / 0.936 (seed 42: 1.000 / 0.944): the mean
+    # misses the bar on cookie (0.978 / 0.945, README). Cookie's floors guard the level reached, below the lowest
+    # seed, because results move between machines (an earlier proxy's CI run gave 0.933 at seed 42 where this
+    # machine had 0.998).
     cfg = make_config(["experiment=proxy_ccl_rd", f"data.root={real_data_root}", "trainer.enable_progress_bar=false"])
     results = train(cfg)
     bottle, cookie = results["per_class"]["bottle"], results["per_class"]["cookie"]
     assert bottle["I-AUROC"] >= 0.98 and bottle["P-AUROC"] >= 0.95, results["per_class"]
-    assert cookie["I-AUROC"] >= 0.88 and cookie["P-AUROC"] >= 0.90, results["per_class"]
+    assert cookie["I-AUROC"] >= 0.90 and cookie["P-AUROC"] >= 0.90, results["per_class"]
     assert np.isfinite(results["efficiency"]["train_wall_seconds"])
